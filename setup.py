@@ -1,0 +1,89 @@
+"""Build of the ``mmboat._ext`` extension (metadata lives in pyproject.toml).
+
+* C++ sources (``csrc/pytorch/*.cpp``, ``csrc/pytorch/cpu/*.cpp``) are always compiled.
+* CUDA sources (``csrc/pytorch/cuda/*.cu``) are added when ``torch.cuda.is_available()`` or
+  ``FORCE_CUDA=1``, and a CUDA toolkit is found.
+* ``MMBOAT_WITH_OPS=0`` installs the pure-Python package (ops fall back to the PyTorch
+  reference implementations with one warning).
+
+When ops are wanted, failure is loud: a missing torch, a missing toolkit under FORCE_CUDA=1 or a
+compile error stops the install with the reason.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ('0', 'false', 'no', 'off', '')
+
+
+def _fail(msg: str) -> None:
+    sys.stderr.write(f'\nmmboat setup.py: {msg}\n\n')
+    raise SystemExit(1)
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def build_ext_modules():
+    """Return (ext_modules, cmdclass)."""
+    if not _env_flag('MMBOAT_WITH_OPS', '1'):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
+                                               CUDAExtension)
+    except ImportError as exc:  # pragma: no cover - exercised by hand
+        _fail(f'building the mmboat ops needs torch importable at build time ({exc}). '
+              'Install torch first and build without isolation: '
+              "`pip install --no-build-isolation -e .` (or MMBOAT_WITH_OPS=0 for a pure-Python "
+              'install).')
+
+    csrc = os.path.join(ROOT, 'csrc')
+    sources = _rel(glob.glob(os.path.join(csrc, 'pytorch', '*.cpp')) +
+                   glob.glob(os.path.join(csrc, 'pytorch', 'cpu', '*.cpp')))
+    cuda_sources = _rel(glob.glob(os.path.join(csrc, 'pytorch', 'cuda', '*.cu')))
+    include_dirs = [os.path.join(csrc, 'common'), os.path.join(csrc, 'pytorch')]
+
+    force_cuda = _env_flag('FORCE_CUDA', '0')
+    with_cuda = force_cuda or torch.cuda.is_available()
+    if with_cuda and CUDA_HOME is None:
+        if force_cuda:
+            _fail('FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME).')
+        with_cuda = False
+    if with_cuda and torch.version.cuda is None:
+        msg = ('this torch is a CPU build: its wheel lacks the CUDA headers and libraries the '
+               'CUDA ops link against; install a CUDA build of torch to build them')
+        if force_cuda:
+            _fail('FORCE_CUDA=1 but ' + msg + '.')
+        with_cuda = False
+
+    openmp = ['-fopenmp'] if sys.platform.startswith('linux') else []
+    cxx_flags = ['-O3', '-std=c++20', '-DNDEBUG', '-fvisibility=hidden'] + openmp
+    define_macros = [('TORCH_EXTENSION_NAME', '_ext')]
+    if with_cuda:
+        archs = os.environ.get('TORCH_CUDA_ARCH_LIST', 'native').replace(';', ' ')
+        define_macros += [('MMBOAT_WITH_CUDA', None), ('MMBOAT_CUDA_ARCHS', f'"{archs}"')]
+        nvcc_flags = ['-O3', '-std=c++20', '--use_fast_math', '--expt-relaxed-constexpr',
+                      '-DNDEBUG']
+        ext = CUDAExtension(
+            'mmboat._ext', sources + cuda_sources, include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={'cxx': cxx_flags, 'nvcc': nvcc_flags},
+            extra_link_args=openmp)
+    else:
+        ext = CppExtension(
+            'mmboat._ext', sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={'cxx': cxx_flags}, extra_link_args=openmp)
+    build_ext = BuildExtension.with_options(use_ninja=_env_flag('MMBOAT_USE_NINJA', '1'))
+    return [ext], {'build_ext': build_ext}
+
+
+ext_modules, cmdclass = build_ext_modules()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

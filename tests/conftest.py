@@ -1,0 +1,17 @@
+"""Test-session setup: the stack fixes (mmboat/utils/compat.py) and a bounded thread count."""
+import pytest
+import torch
+
+from mmboat.utils import apply_stack_fixes, limit_cpu_threads
+
+apply_stack_fixes()
+limit_cpu_threads()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_cuda = pytest.mark.skip(reason='needs a CUDA device')
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip_cuda)
