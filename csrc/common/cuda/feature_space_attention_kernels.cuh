@@ -1,0 +1,570 @@
+// BOAT feature-space local attention (FSLA) CUDA kernels: balanced hierarchical clustering and
+// clustered attention forward / backward. Torch-free (raw pointers, sizes, a stream); the torch
+// launchers live in csrc/pytorch/cuda/feature_space_attention_cuda.cu. The layout rule (group
+// extents, leaf keys incl. sibling overlap) and the per-token formulas come from
+// csrc/common/balanced_clustering.h, shared with the CPU kernels.
+//
+// Clustering (float32): one kernel launch per level, one block per (row = sample * head, group):
+//   centroid means of the two rank halves (raw features), L2-normalised; `iters` times: cosines
+//   with the normalised token features, soft assignment softmax(tau * cos), weighted sums of the
+//   raw features, normalise; final cosines -> split score; block-level bitonic sort of the group
+//   by (score, rank) (the rank tie-break makes it stable; NaN sorts last as in torch.sort);
+//   the group's slice of perm is rewritten in sorted order. Scratch lives in global memory
+//   (disjoint per group), so any group size works.
+// Attention: one block per (row, leaf), keys/values of the leaf (own tokens + sibling overlap)
+//   gathered through perm into shared memory as float32; one warp per query: logits, max, sum of
+//   exponentials and probabilities (exact two-pass softmax over the <= m + o keys), out = P V,
+//   lse = max + log(sum) written in the input dtype (the dtype the op schema / fake kernel use).
+// Backward: same blocks; the softmax normaliser is recomputed from the logits (bit-identical to
+//   the forward, and independent of the precision of a half/bfloat16 lse); dQ per query (one
+//   writer); dK/dV accumulated per leaf in shared memory, then added with float32 atomics to a
+//   float32 buffer: a key token receives at most two contributions (its own leaf and the sibling
+//   leaf whose overlap contains it) and 0 + a + b == 0 + b + a in IEEE arithmetic, so the result
+//   is deterministic. A final kernel converts the buffer to the output dtype (skipped for float).
+#pragma once
+
+#ifndef MMBOAT_CUDA_EMULATION
+#include <cuda_runtime.h>
+#endif
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "balanced_clustering.h"
+
+// Host emulation hooks (tests/test_ops/cuda_driver/cuda_emulation.h runs these kernels on
+// machines without a GPU; see fsla_emulation_driver.cpp).
+#ifdef MMBOAT_CUDA_EMULATION
+#define MMBOAT_FSLA_SMEM(name) float* name = reinterpret_cast<float*>(::mmboat_emu::dynamic_smem())
+#define MMBOAT_FSLA_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::mmboat_emu::launch(kernel, dim3(grid), dim3(block), smem, __VA_ARGS__)
+#define MMBOAT_FSLA_SHFL_XOR(v, o) ::mmboat_emu::shfl_xor_sync(0xffffffffu, v, o)
+#define MMBOAT_FSLA_SYNCWARP() ((void)::mmboat_emu::shfl_xor_sync(0xffffffffu, 0.f, 1))
+#define MMBOAT_FSLA_LAUNCH_ERROR() static_cast<const char*>(nullptr)
+#else
+#define MMBOAT_FSLA_SMEM(name) extern __shared__ __align__(16) float name[]
+#define MMBOAT_FSLA_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define MMBOAT_FSLA_SHFL_XOR(v, o) __shfl_xor_sync(0xffffffffu, v, o)
+#define MMBOAT_FSLA_SYNCWARP() __syncwarp()
+#define MMBOAT_FSLA_LAUNCH_ERROR() \
+  (cudaPeekAtLastError() != cudaSuccess ? cudaGetErrorString(cudaGetLastError()) : nullptr)
+#endif
+
+namespace mmboat {
+namespace cuda {
+namespace fsla {
+
+constexpr int kWarp = 32;
+constexpr int kClusterThreads = 256;
+constexpr int kAttnWarps = 4;
+constexpr int kAttnThreads = kAttnWarps * kWarp;
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  static __device__ __forceinline__ float load(float x) { return x; }
+  static __device__ __forceinline__ float store(float x) { return x; }
+};
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float x) {
+    return __float2bfloat16_rn(x);
+  }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += MMBOAT_FSLA_SHFL_XOR(v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, MMBOAT_FSLA_SHFL_XOR(v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024); `red` holds >= 32 floats. Every
+// thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  v = warp_sum(v);
+  __syncthreads();  // `red` may still be read by a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += red[w];
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clustering
+
+// feats_n[t] = x[t] / max(|x[t]|, eps); perm = arange(N) per row.
+__global__ void bhc_prepare_kernel(const float* __restrict__ x, int64_t tokens, int64_t n,
+                                   int64_t d, float* __restrict__ feats_n,
+                                   int64_t* __restrict__ perm) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  const float* xt = x + t * d;
+  float sq = 0.f;
+  for (int64_t c = 0; c < d; ++c) sq += xt[c] * xt[c];
+  const float inv = 1.0f / fmaxf(sqrtf(sq), bhc::kNormEps);
+  for (int64_t c = 0; c < d; ++c) feats_n[t * d + c] = xt[c] * inv;
+  perm[t] = t % n;
+}
+
+// Normalises c0, c1 ([d] each, shared memory) in place.
+__device__ __forceinline__ void normalise_pair(float* c0, float* c1, int64_t d, float* red) {
+  float s0 = 0.f, s1 = 0.f;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    s0 += c0[c] * c0[c];
+    s1 += c1[c] * c1[c];
+  }
+  s0 = block_sum(s0, red);
+  s1 = block_sum(s1, red);
+  const float i0 = 1.0f / fmaxf(sqrtf(s0), bhc::kNormEps);
+  const float i1 = 1.0f / fmaxf(sqrtf(s1), bhc::kNormEps);
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    c0[c] *= i0;
+    c1[c] *= i1;
+  }
+  __syncthreads();
+}
+
+struct SortKey {
+  float score;
+  int rank;  // -1: padding (sorts after everything)
+};
+
+__device__ __forceinline__ bool key_less(const SortKey& a, const SortKey& b) {
+  if (a.rank < 0) return false;
+  if (b.rank < 0) return true;
+  if (bhc::score_less(a.score, b.score)) return true;
+  if (bhc::score_less(b.score, a.score)) return false;
+  return a.rank < b.rank;
+}
+
+// One block per (row, group) of `level`. Dynamic shared memory: 2 * d floats (centroids).
+// Scratch per row: weights [n] floats, keys [2n] SortKey, tokens [n] int64 (group slices at the
+// group's offset, keys at twice the offset: a group of n tokens pads to < 2n).
+__global__ void __launch_bounds__(kClusterThreads)
+    bhc_level_kernel(const float* __restrict__ x, const float* __restrict__ feats_n, int64_t n,
+                     int64_t d, int level, int iters, float tau, float* __restrict__ weights,
+                     SortKey* __restrict__ keys, int64_t* __restrict__ tokens,
+                     int64_t* __restrict__ perm) {
+  MMBOAT_FSLA_SMEM(cent);
+  __shared__ float red[kWarp];
+  const int64_t groups = int64_t(1) << level;
+  const int64_t row = int64_t(blockIdx.x) / groups, group = int64_t(blockIdx.x) % groups;
+  const bhc::Extent e = bhc::group_extent(n, level, group);
+  const int64_t size = e.size;
+  if (size < 2) return;  // block-uniform
+  const float* xr = x + row * n * d;
+  const float* xn = feats_n + row * n * d;
+  int64_t* order = perm + row * n + e.offset;
+  float* w = weights + row * n + e.offset;
+  SortKey* sk = keys + row * 2 * n + 2 * e.offset;
+  int64_t* tok = tokens + row * n + e.offset;
+  float* c0 = cent;
+  float* c1 = cent + d;
+  const int64_t half = size / 2;
+  // Initial centroids: means of the two rank halves.
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float a = 0.f, b = 0.f;
+    for (int64_t t = 0; t < half; ++t) a += xr[order[t] * d + c];
+    for (int64_t t = half; t < size; ++t) b += xr[order[t] * d + c];
+    c0[c] = a * (1.0f / float(half));
+    c1[c] = b * (1.0f / float(size - half));
+  }
+  __syncthreads();
+  normalise_pair(c0, c1, d, red);
+  for (int it = 0; it < iters; ++it) {
+    for (int64_t t = threadIdx.x; t < size; t += blockDim.x) {
+      const float* f = xn + order[t] * d;
+      float s0 = 0.f, s1 = 0.f;
+      for (int64_t c = 0; c < d; ++c) {
+        s0 += f[c] * c0[c];
+        s1 += f[c] * c1[c];
+      }
+      w[t] = bhc::soft_assign0(s0, s1, tau, [](float z) { return expf(z); });
+    }
+    __syncthreads();  // w complete; everybody is done reading c0/c1
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+      float a = 0.f, b = 0.f;
+      for (int64_t t = 0; t < size; ++t) {
+        const float xv = xr[order[t] * d + c];
+        const float a0 = w[t];
+        a += a0 * xv;
+        b += (1.0f - a0) * xv;
+      }
+      c0[c] = a;
+      c1[c] = b;
+    }
+    __syncthreads();
+    normalise_pair(c0, c1, d, red);
+  }
+  int64_t padded = 1;
+  while (padded < size) padded <<= 1;
+  for (int64_t t = threadIdx.x; t < padded; t += blockDim.x) {
+    SortKey k{0.f, -1};
+    if (t < size) {
+      const float* f = xn + order[t] * d;
+      float s0 = 0.f, s1 = 0.f;
+      for (int64_t c = 0; c < d; ++c) {
+        s0 += f[c] * c0[c];
+        s1 += f[c] * c1[c];
+      }
+      k.score = bhc::split_score(s0, s1);
+      k.rank = int(t);
+      tok[t] = order[t];
+    }
+    sk[t] = k;
+  }
+  __syncthreads();
+  // Bitonic sort of sk[0, padded) ascending by key_less (a total order: stable result).
+  for (int64_t len = 2; len <= padded; len <<= 1) {
+    for (int64_t j = len >> 1; j > 0; j >>= 1) {
+      for (int64_t i = threadIdx.x; i < padded; i += blockDim.x) {
+        const int64_t p = i ^ j;
+        if (p > i) {
+          const bool up = (i & len) == 0;
+          const SortKey a = sk[i], b = sk[p];
+          if (up ? key_less(b, a) : key_less(a, b)) {
+            sk[i] = b;
+            sk[p] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int64_t t = threadIdx.x; t < size; t += blockDim.x) order[t] = tok[sk[t].rank];
+}
+
+__global__ void bhc_inverse_kernel(const int64_t* __restrict__ perm, int64_t tokens, int64_t n,
+                                   int64_t* __restrict__ inv_perm) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  const int64_t row = t / n;
+  inv_perm[row * n + perm[t]] = t % n;
+}
+
+// Scratch sizes (elements) for launch_bhc_cluster.
+inline int64_t bhc_float_scratch(int64_t rows, int64_t n, int64_t d) {
+  return rows * n * d + rows * n;  // feats_n, weights
+}
+inline int64_t bhc_key_scratch_bytes(int64_t rows, int64_t n) {
+  return int64_t(sizeof(SortKey)) * 2 * rows * n;
+}
+
+// x: float32 [rows, n, d] contiguous. float_scratch: bhc_float_scratch floats; key_scratch:
+// bhc_key_scratch_bytes bytes (aligned to 8); token_scratch: rows * n int64. Returns nullptr or
+// an error message.
+inline const char* launch_bhc_cluster(const float* x, int64_t rows, int64_t n, int64_t d,
+                                      int64_t cluster_size, int iters, float tau,
+                                      float* float_scratch, void* key_scratch,
+                                      int64_t* token_scratch, int64_t* perm, int64_t* inv_perm,
+                                      cudaStream_t stream) {
+  if (rows <= 0 || n <= 0) return nullptr;
+  if (d <= 0) return "bhc_cluster: head_dim must be >= 1";
+  if (n > (int64_t(1) << 30)) return "bhc_cluster: too many tokens for the CUDA kernel";
+  const int64_t tokens = rows * n;
+  float* feats_n = float_scratch;
+  float* weights = float_scratch + tokens * d;
+  const int64_t blocks = (tokens + 255) / 256;
+  if (blocks > 0x7fffffff) return "bhc_cluster: too many tokens for the CUDA kernel";
+  MMBOAT_FSLA_LAUNCH(bhc_prepare_kernel, unsigned(blocks), 256, 0, stream, x, tokens, n, d, feats_n, perm);
+  if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+  const int levels = bhc::num_levels(n, cluster_size);
+  const size_t smem = size_t(2 * d) * sizeof(float);
+  if (smem > 48 * 1024) {
+    if (cudaFuncSetAttribute(bhc_level_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             int(smem)) != cudaSuccess)
+      return "bhc_cluster: head_dim too large for the CUDA kernel's shared memory";
+  }
+  for (int level = 0; level < levels; ++level) {
+    const int64_t grid = rows << level;
+    if (grid > 0x7fffffff) return "bhc_cluster: batch * heads * groups too large";
+    MMBOAT_FSLA_LAUNCH(bhc_level_kernel, unsigned(grid), kClusterThreads, smem, stream, 
+        x, feats_n, n, d, level, iters, tau, weights, static_cast<SortKey*>(key_scratch),
+        token_scratch, perm);
+    if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+  }
+  MMBOAT_FSLA_LAUNCH(bhc_inverse_kernel, unsigned(blocks), 256, 0, stream, perm, tokens, n, inv_perm);
+  if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clustered attention
+
+struct AttnProblem {
+  int64_t rows;  // batch * heads
+  int64_t n;     // tokens
+  int64_t d;     // head_dim
+  int levels;
+  int64_t overlap;
+  int64_t max_keys;  // max leaf size + overlap
+  float scale;
+};
+
+inline AttnProblem make_attn_problem(int64_t rows, int64_t n, int64_t d, int64_t cluster_size,
+                                     int64_t overlap, float scale) {
+  AttnProblem p;
+  p.rows = rows;
+  p.n = n;
+  p.d = d;
+  p.levels = bhc::num_levels(n, cluster_size);
+  p.overlap = overlap;
+  p.max_keys = bhc::max_leaf_size(n, p.levels) + (p.levels > 0 ? overlap : 0);
+  p.scale = scale;
+  return p;
+}
+
+// Shared-memory layout (floats): ld = d + 1 (odd stride: no bank conflicts over keys).
+//   forward:  k [K, ld], v [K, ld], per warp: q [d], p [K]
+//   backward: k, v, dk, dv [K, ld], per warp: q [d], go [d], p [K], ds [K]
+inline size_t attn_smem_bytes(const AttnProblem& p, bool backward) {
+  const int64_t ld = p.d + 1, K = p.max_keys;
+  const int64_t shared = (backward ? 4 : 2) * K * ld;
+  const int64_t per_warp = backward ? (2 * p.d + 2 * K) : (p.d + K);
+  return size_t(shared + kAttnWarps * per_warp) * sizeof(float);
+}
+
+// Loads the leaf's keys/values (own tokens then overlap) as float32; returns the key count.
+template <typename T>
+__device__ __forceinline__ int64_t load_leaf_kv(const bhc::LeafKeys& lk,
+                                                const int64_t* __restrict__ perm_row,
+                                                const T* __restrict__ k, const T* __restrict__ v,
+                                                int64_t d, int64_t ld, float* ks, float* vs) {
+  const int64_t count = lk.own.size + lk.extra.size;
+  for (int64_t idx = threadIdx.x; idx < count * d; idx += blockDim.x) {
+    const int64_t j = idx / d, c = idx % d;
+    const int64_t pos = j < lk.own.size ? lk.own.offset + j : lk.extra.offset + (j - lk.own.size);
+    const int64_t tok = perm_row[pos];
+    ks[j * ld + c] = Elem<T>::load(k[tok * d + c]);
+    vs[j * ld + c] = Elem<T>::load(v[tok * d + c]);
+  }
+  return count;
+}
+
+// Logits of the query in qs (warp-local) against the leaf keys into ps; returns (max, sum) of
+// exp(logit - max) and leaves ps[j] = exp(logit_j - max) (unnormalised).
+__device__ __forceinline__ float2 warp_softmax(const float* qs, const float* ks, int64_t count,
+                                               int64_t d, int64_t ld, float scale, float* ps) {
+  const int lane = threadIdx.x % kWarp;
+  float mx = -INFINITY;
+  for (int64_t j = lane; j < count; j += kWarp) {
+    float s = 0.f;
+    for (int64_t c = 0; c < d; ++c) s += qs[c] * ks[j * ld + c];
+    s *= scale;
+    ps[j] = s;
+    mx = fmaxf(mx, s);
+  }
+  mx = warp_max(mx);
+  float sum = 0.f;
+  for (int64_t j = lane; j < count; j += kWarp) {
+    const float e = expf(ps[j] - mx);
+    ps[j] = e;
+    sum += e;
+  }
+  sum = warp_sum(sum);
+  MMBOAT_FSLA_SYNCWARP();
+  return make_float2(mx, sum);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kAttnThreads)
+    fsla_forward_kernel(AttnProblem p, const T* __restrict__ q, const T* __restrict__ k,
+                        const T* __restrict__ v, const int64_t* __restrict__ perm,
+                        T* __restrict__ out, T* __restrict__ lse) {
+  MMBOAT_FSLA_SMEM(smem);
+  const int64_t leaves = int64_t(1) << p.levels;
+  const int64_t row = int64_t(blockIdx.x) / leaves, leaf = int64_t(blockIdx.x) % leaves;
+  const bhc::LeafKeys lk = bhc::leaf_keys(p.n, p.levels, leaf, p.overlap);
+  if (lk.own.size == 0) return;  // block-uniform
+  const int64_t d = p.d, ld = d + 1, K = p.max_keys;
+  const int64_t base = row * p.n;
+  const int64_t* perm_row = perm + base;
+  float* ks = smem;
+  float* vs = ks + K * ld;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  float* qs = vs + K * ld + warp * (d + K);
+  float* ps = qs + d;
+  const int64_t count = load_leaf_kv(lk, perm_row, k + base * d, v + base * d, d, ld, ks, vs);
+  __syncthreads();
+  for (int64_t t = warp; t < lk.own.size; t += kAttnWarps) {
+    const int64_t tok = perm_row[lk.own.offset + t];
+    const T* qt = q + (base + tok) * d;
+    for (int64_t c = lane; c < d; c += kWarp) qs[c] = Elem<T>::load(qt[c]);
+    MMBOAT_FSLA_SYNCWARP();
+    const float2 ms = warp_softmax(qs, ks, count, d, ld, p.scale, ps);
+    const float inv = 1.0f / ms.y;
+    T* ot = out + (base + tok) * d;
+    for (int64_t c = lane; c < d; c += kWarp) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < count; ++j) acc += ps[j] * vs[j * ld + c];
+      ot[c] = Elem<T>::store(acc * inv);
+    }
+    if (lane == 0) lse[base + tok] = Elem<T>::store(ms.x + logf(ms.y));
+    MMBOAT_FSLA_SYNCWARP();  // qs/ps are reused by the next query
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kAttnThreads)
+    fsla_backward_kernel(AttnProblem p, const T* __restrict__ grad_out, const T* __restrict__ q,
+                         const T* __restrict__ k, const T* __restrict__ v,
+                         const T* __restrict__ out, const int64_t* __restrict__ perm,
+                         T* __restrict__ grad_q, float* __restrict__ gk_acc,
+                         float* __restrict__ gv_acc) {
+  MMBOAT_FSLA_SMEM(smem);
+  const int64_t leaves = int64_t(1) << p.levels;
+  const int64_t row = int64_t(blockIdx.x) / leaves, leaf = int64_t(blockIdx.x) % leaves;
+  const bhc::LeafKeys lk = bhc::leaf_keys(p.n, p.levels, leaf, p.overlap);
+  if (lk.own.size == 0) return;  // block-uniform
+  const int64_t d = p.d, ld = d + 1, K = p.max_keys;
+  const int64_t base = row * p.n;
+  const int64_t* perm_row = perm + base;
+  float* ks = smem;
+  float* vs = ks + K * ld;
+  float* dks = vs + K * ld;
+  float* dvs = dks + K * ld;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  float* qs = dvs + K * ld + warp * (2 * d + 2 * K);
+  float* gos = qs + d;
+  float* ps = gos + d;
+  float* dss = ps + K;
+  const int64_t count = load_leaf_kv(lk, perm_row, k + base * d, v + base * d, d, ld, ks, vs);
+  for (int64_t idx = threadIdx.x; idx < count * ld; idx += blockDim.x) {
+    dks[idx] = 0.f;
+    dvs[idx] = 0.f;
+  }
+  __syncthreads();
+  for (int64_t t = warp; t < lk.own.size; t += kAttnWarps) {
+    const int64_t tok = perm_row[lk.own.offset + t];
+    const int64_t at = (base + tok) * d;
+    float delta = 0.f;
+    for (int64_t c = lane; c < d; c += kWarp) {
+      qs[c] = Elem<T>::load(q[at + c]);
+      const float g = Elem<T>::load(grad_out[at + c]);
+      gos[c] = g;
+      delta += g * Elem<T>::load(out[at + c]);
+    }
+    delta = warp_sum(delta);
+    MMBOAT_FSLA_SYNCWARP();
+    const float2 ms = warp_softmax(qs, ks, count, d, ld, p.scale, ps);
+    const float inv = 1.0f / ms.y;
+    for (int64_t j = lane; j < count; j += kWarp) {
+      float dp = 0.f;
+      for (int64_t c = 0; c < d; ++c) dp += gos[c] * vs[j * ld + c];
+      const float pj = ps[j] * inv;
+      ps[j] = pj;
+      dss[j] = pj * (dp - delta) * p.scale;
+    }
+    MMBOAT_FSLA_SYNCWARP();
+    for (int64_t c = lane; c < d; c += kWarp) {
+      float acc = 0.f;
+      const float qc = qs[c], gc = gos[c];
+      for (int64_t j = 0; j < count; ++j) {
+        const float ds = dss[j];
+        acc += ds * ks[j * ld + c];
+        atomicAdd(&dks[j * ld + c], ds * qc);
+        atomicAdd(&dvs[j * ld + c], ps[j] * gc);
+      }
+      grad_q[at + c] = Elem<T>::store(acc);
+    }
+    MMBOAT_FSLA_SYNCWARP();
+  }
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < count * d; idx += blockDim.x) {
+    const int64_t j = idx / d, c = idx % d;
+    const int64_t pos = j < lk.own.size ? lk.own.offset + j : lk.extra.offset + (j - lk.own.size);
+    const int64_t tok = perm_row[pos];
+    atomicAdd(&gk_acc[(base + tok) * d + c], dks[j * ld + c]);
+    atomicAdd(&gv_acc[(base + tok) * d + c], dvs[j * ld + c]);
+  }
+}
+
+template <typename T>
+__global__ void fsla_convert_kernel(const float* __restrict__ src, int64_t count,
+                                    T* __restrict__ dst) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) dst[i] = Elem<T>::store(src[i]);
+}
+
+// Sets the dynamic shared-memory size of `kernel` when it needs more than the default 48 KiB.
+template <typename Kernel>
+inline const char* prepare_smem(Kernel kernel, size_t smem, size_t smem_limit) {
+  if (smem > smem_limit)
+    return "clustered_attention: cluster_size + overlap and head_dim too large for the CUDA "
+           "kernel's shared memory";
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) !=
+          cudaSuccess)
+    return "clustered_attention: could not raise the CUDA kernel's shared-memory limit";
+  return nullptr;
+}
+
+// q/k/v/out [rows, n, d], perm [rows, n] (a permutation per row, checked by the caller),
+// lse [rows, n]. smem_limit: the device's opt-in shared memory per block.
+template <typename T>
+const char* launch_attention_forward(const AttnProblem& p, const T* q, const T* k, const T* v,
+                                     const int64_t* perm, T* out, T* lse, size_t smem_limit,
+                                     cudaStream_t stream) {
+  if (p.rows <= 0 || p.n <= 0 || p.d <= 0) return nullptr;
+  const int64_t grid = p.rows << p.levels;
+  if (grid > 0x7fffffff) return "clustered_attention: batch * heads * leaves too large";
+  const size_t smem = attn_smem_bytes(p, false);
+  if (const char* err = prepare_smem(fsla_forward_kernel<T>, smem, smem_limit)) return err;
+  MMBOAT_FSLA_LAUNCH(fsla_forward_kernel<T>, unsigned(grid), kAttnThreads, smem, stream, p, q, k, v, perm, out,
+                                                                         lse);
+  if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+  return nullptr;
+}
+
+// gk_acc/gv_acc: zero-filled float32 [rows, n, d]. When T is float they may alias grad_k /
+// grad_v (then no conversion runs); otherwise the result is converted into grad_k / grad_v.
+template <typename T>
+const char* launch_attention_backward(const AttnProblem& p, const T* grad_out, const T* q,
+                                      const T* k, const T* v, const T* out, const int64_t* perm,
+                                      T* grad_q, float* gk_acc, float* gv_acc, T* grad_k,
+                                      T* grad_v, size_t smem_limit, cudaStream_t stream) {
+  if (p.rows <= 0 || p.n <= 0 || p.d <= 0) return nullptr;
+  const int64_t grid = p.rows << p.levels;
+  if (grid > 0x7fffffff) return "clustered_attention: batch * heads * leaves too large";
+  const size_t smem = attn_smem_bytes(p, true);
+  if (const char* err = prepare_smem(fsla_backward_kernel<T>, smem, smem_limit)) return err;
+  MMBOAT_FSLA_LAUNCH(fsla_backward_kernel<T>, unsigned(grid), kAttnThreads, smem, stream, 
+      p, grad_out, q, k, v, out, perm, grad_q, gk_acc, gv_acc);
+  if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+  const int64_t total = p.rows * p.n * p.d;
+  const int64_t blocks = (total + 255) / 256;
+  if (static_cast<void*>(gk_acc) != static_cast<void*>(grad_k)) {
+    MMBOAT_FSLA_LAUNCH(fsla_convert_kernel<T>, unsigned(blocks), 256, 0, stream, gk_acc, total, grad_k);
+    if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+  }
+  if (static_cast<void*>(gv_acc) != static_cast<void*>(grad_v)) {
+    MMBOAT_FSLA_LAUNCH(fsla_convert_kernel<T>, unsigned(blocks), 256, 0, stream, gv_acc, total, grad_v);
+    if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+  }
+  return nullptr;
+}
+
+}  // namespace fsla
+}  // namespace cuda
+}  // namespace mmboat

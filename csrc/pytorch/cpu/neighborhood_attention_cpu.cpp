@@ -1,0 +1,1170 @@
+// CPU kernels of the neighborhood-attention ops (schemas: ../neighborhood_attention.cpp).
+//
+// Every problem is seen as 3-D (1-D and 2-D inputs get leading axes of size 1). One query at a
+// time: the keys of its window are listed once as offsets, then logits (dot products over
+// head_dim), softmax and the weighted sum run over that list. float32 with head_dim % 8 == 0
+// uses AVX2+FMA kernels chosen at run time (8 slots' dot products reduced together, the
+// weighted sum in registers, a polynomial exp); everything else runs generic loops with
+// float32 (float64 for float64) accumulation.
+//
+// Backward (flash style): p is recomputed from the saved log-sum-exp. Gradients of keys and
+// values are scattered; race freedom and determinism come from the task layout: tasks are
+// blocks of 2k-2 rows of one dilation group along the outermost non-trivial axis, and blocks
+// of even then odd index run in two phases, so two tasks that run together never touch the
+// same key. The rpb gradient is accumulated per task and summed in task order.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "neighborhood_attention_checks.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define MMBOAT_NA_X86 1
+#include <immintrin.h>
+#define MMBOAT_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define MMBOAT_NA_X86 0
+#endif
+
+#if defined(__GNUC__)
+#define MMBOAT_INLINE inline __attribute__((always_inline))
+#define MMBOAT_FLATTEN __attribute__((flatten))
+#else
+#define MMBOAT_INLINE inline
+#define MMBOAT_FLATTEN
+#endif
+
+namespace mmboat {
+namespace na {
+namespace {
+
+constexpr int kQB = 4;  // queries per register block in the backward scatter
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// ------------------------------------------------------------------------------------------
+// Inner primitives. `base + off[s]` is the row (head_dim values) of slot s.
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct GenericOps {
+  using acc_t = typename AccOf<scalar_t>::type;
+
+  // out[s] = q . row(s) (+ add[s] when add is not null)
+  static MMBOAT_INLINE void dots(const acc_t* __restrict q, const scalar_t* __restrict base,
+                                 const int64_t* __restrict off, int n, int dim,
+                                 acc_t* __restrict out, const acc_t* __restrict add = nullptr) {
+    for (int s = 0; s < n; ++s) {
+      const scalar_t* __restrict row = base + off[s];
+      acc_t a = 0;
+#pragma omp simd reduction(+ : a)
+      for (int d = 0; d < dim; ++d) a += q[d] * static_cast<acc_t>(row[d]);
+      out[s] = add ? a + add[s] : a;
+    }
+  }
+  // acc += sum_s w[s] * row(s)
+  static MMBOAT_INLINE void weighted_sum(const acc_t* __restrict w,
+                                         const scalar_t* __restrict base,
+                                         const int64_t* __restrict off, int n, int dim,
+                                         acc_t* __restrict acc) {
+    for (int s = 0; s < n; ++s) {
+      const scalar_t* __restrict row = base + off[s];
+      const acc_t ws = w[s];
+#pragma omp simd
+      for (int d = 0; d < dim; ++d) acc[d] += ws * static_cast<acc_t>(row[d]);
+    }
+  }
+  // y += c * x
+  static MMBOAT_INLINE void axpy(acc_t c, const acc_t* __restrict x, acc_t* __restrict y,
+                                 int dim) {
+#pragma omp simd
+    for (int d = 0; d < dim; ++d) y[d] += c * x[d];
+  }
+  // x[s] = exp(x[s] - shift)
+  static MMBOAT_INLINE void exp_shift(acc_t* __restrict x, int n, acc_t shift) {
+    for (int s = 0; s < n; ++s) x[s] = std::exp(x[s] - shift);
+  }
+  // For each of ncols keys c (element offset off0 + c * step): dk += sum_i ca[c][i] * qs[i],
+  // dv += sum_i cb[c][i] * gs[i], i < kQB (coefficients laid out [c][kQB]).
+  static MMBOAT_INLINE void scatter_cols(const acc_t* __restrict ca, const acc_t* __restrict cb,
+                                         int ncols, const acc_t* const* qs,
+                                         const acc_t* const* gs, acc_t* __restrict dk,
+                                         acc_t* __restrict dv, int64_t off0, int64_t step,
+                                         int dim) {
+    for (int c = 0; c < ncols; ++c) {
+      acc_t* __restrict yk = dk + off0 + c * step;
+      acc_t* __restrict yv = dv + off0 + c * step;
+      for (int i = 0; i < kQB; ++i) {
+        const acc_t a = ca[c * kQB + i], b = cb[c * kQB + i];
+        const acc_t* __restrict qi = qs[i];
+        const acc_t* __restrict gi = gs[i];
+        if (a != acc_t(0)) {
+#pragma omp simd
+          for (int d = 0; d < dim; ++d) yk[d] += a * qi[d];
+        }
+        if (b != acc_t(0)) {
+#pragma omp simd
+          for (int d = 0; d < dim; ++d) yv[d] += b * gi[d];
+        }
+      }
+    }
+  }
+  static MMBOAT_INLINE acc_t max_of(const acc_t* __restrict x, int n) {
+    acc_t m = x[0];
+    for (int j = 1; j < n; ++j) m = std::max(m, x[j]);
+    return m;
+  }
+  static MMBOAT_INLINE acc_t sum_of(const acc_t* __restrict x, int n) {
+    acc_t a = 0;
+    for (int j = 0; j < n; ++j) a += x[j];
+    return a;
+  }
+};
+
+#if MMBOAT_NA_X86
+struct Avx2Ops {
+  using acc_t = float;
+
+  MMBOAT_AVX2 static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3,
+                                                __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+    const __m256 t0 = _mm256_hadd_ps(a0, a1);
+    const __m256 t1 = _mm256_hadd_ps(a2, a3);
+    const __m256 t2 = _mm256_hadd_ps(a4, a5);
+    const __m256 t3 = _mm256_hadd_ps(a6, a7);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1);
+    const __m256 u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
+  MMBOAT_AVX2 static inline float hsum1(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+
+  MMBOAT_AVX2 static inline void dots(const float* __restrict q,
+                                             const float* __restrict base,
+                                             const int64_t* __restrict off, int n, int dim,
+                                             float* __restrict out,
+                                             const float* __restrict add = nullptr) {
+    int s = 0;
+    for (; s + 8 <= n; s += 8) {
+      const float* r0 = base + off[s + 0];
+      const float* r1 = base + off[s + 1];
+      const float* r2 = base + off[s + 2];
+      const float* r3 = base + off[s + 3];
+      const float* r4 = base + off[s + 4];
+      const float* r5 = base + off[s + 5];
+      const float* r6 = base + off[s + 6];
+      const float* r7 = base + off[s + 7];
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+             a3 = _mm256_setzero_ps(), a4 = _mm256_setzero_ps(), a5 = _mm256_setzero_ps(),
+             a6 = _mm256_setzero_ps(), a7 = _mm256_setzero_ps();
+      for (int d = 0; d < dim; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r1 + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r2 + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r3 + d), a3);
+        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r4 + d), a4);
+        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r5 + d), a5);
+        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r6 + d), a6);
+        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r7 + d), a7);
+      }
+      __m256 r = hsum8(a0, a1, a2, a3, a4, a5, a6, a7);
+      if (add) r = _mm256_add_ps(r, _mm256_loadu_ps(add + s));
+      _mm256_storeu_ps(out + s, r);
+    }
+    for (; s + 4 <= n; s += 4) {
+      const float* r0 = base + off[s + 0];
+      const float* r1 = base + off[s + 1];
+      const float* r2 = base + off[s + 2];
+      const float* r3 = base + off[s + 3];
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+             a3 = _mm256_setzero_ps();
+      for (int d = 0; d < dim; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r1 + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r2 + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r3 + d), a3);
+      }
+      const __m256 t0 = _mm256_hadd_ps(a0, a1);
+      const __m256 t1 = _mm256_hadd_ps(a2, a3);
+      const __m256 u = _mm256_hadd_ps(t0, t1);
+      __m128 r = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+      if (add) r = _mm_add_ps(r, _mm_loadu_ps(add + s));
+      _mm_storeu_ps(out + s, r);
+    }
+    for (; s < n; ++s) {
+      const float* r0 = base + off[s];
+      __m256 a0 = _mm256_setzero_ps();
+      for (int d = 0; d < dim; d += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(r0 + d), a0);
+      out[s] = add ? hsum1(a0) + add[s] : hsum1(a0);
+    }
+  }
+
+  MMBOAT_AVX2 static inline void weighted_sum(const float* __restrict w,
+                                                     const float* __restrict base,
+                                                     const int64_t* __restrict off, int n,
+                                                     int dim, float* __restrict acc) {
+    int d0 = 0;
+    for (; d0 + 32 <= dim; d0 += 32) {
+      // Two accumulator sets (even / odd slots) to hide the FMA latency.
+      __m256 c0 = _mm256_loadu_ps(acc + d0), c1 = _mm256_loadu_ps(acc + d0 + 8),
+             c2 = _mm256_loadu_ps(acc + d0 + 16), c3 = _mm256_loadu_ps(acc + d0 + 24);
+      __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps(), e2 = _mm256_setzero_ps(),
+             e3 = _mm256_setzero_ps();
+      int s = 0;
+      for (; s + 2 <= n; s += 2) {
+        const float* row = base + off[s] + d0;
+        const float* row2 = base + off[s + 1] + d0;
+        const __m256 ws = _mm256_broadcast_ss(w + s);
+        const __m256 ws2 = _mm256_broadcast_ss(w + s + 1);
+        c0 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row), c0);
+        c1 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row + 8), c1);
+        c2 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row + 16), c2);
+        c3 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row + 24), c3);
+        e0 = _mm256_fmadd_ps(ws2, _mm256_loadu_ps(row2), e0);
+        e1 = _mm256_fmadd_ps(ws2, _mm256_loadu_ps(row2 + 8), e1);
+        e2 = _mm256_fmadd_ps(ws2, _mm256_loadu_ps(row2 + 16), e2);
+        e3 = _mm256_fmadd_ps(ws2, _mm256_loadu_ps(row2 + 24), e3);
+      }
+      if (s < n) {
+        const float* row = base + off[s] + d0;
+        const __m256 ws = _mm256_broadcast_ss(w + s);
+        c0 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row), c0);
+        c1 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row + 8), c1);
+        c2 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row + 16), c2);
+        c3 = _mm256_fmadd_ps(ws, _mm256_loadu_ps(row + 24), c3);
+      }
+      _mm256_storeu_ps(acc + d0, _mm256_add_ps(c0, e0));
+      _mm256_storeu_ps(acc + d0 + 8, _mm256_add_ps(c1, e1));
+      _mm256_storeu_ps(acc + d0 + 16, _mm256_add_ps(c2, e2));
+      _mm256_storeu_ps(acc + d0 + 24, _mm256_add_ps(c3, e3));
+    }
+    for (; d0 < dim; d0 += 8) {
+      __m256 c0 = _mm256_loadu_ps(acc + d0), e0 = _mm256_setzero_ps();
+      int s = 0;
+      for (; s + 2 <= n; s += 2) {
+        c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + s), _mm256_loadu_ps(base + off[s] + d0),
+                             c0);
+        e0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + s + 1),
+                             _mm256_loadu_ps(base + off[s + 1] + d0), e0);
+      }
+      if (s < n)
+        c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w + s), _mm256_loadu_ps(base + off[s] + d0),
+                             c0);
+      _mm256_storeu_ps(acc + d0, _mm256_add_ps(c0, e0));
+    }
+  }
+
+  MMBOAT_AVX2 static inline void scatter_cols(const float* __restrict ca,
+                                              const float* __restrict cb, int ncols,
+                                              const float* const* qs, const float* const* gs,
+                                              float* __restrict dk, float* __restrict dv,
+                                              int64_t off0, int64_t step, int dim) {
+    static_assert(kQB == 4, "register block of 4 queries");
+    for (int d0 = 0; d0 < dim; d0 += 8) {
+      const __m256 q0 = _mm256_loadu_ps(qs[0] + d0), q1 = _mm256_loadu_ps(qs[1] + d0),
+                   q2 = _mm256_loadu_ps(qs[2] + d0), q3 = _mm256_loadu_ps(qs[3] + d0);
+      const __m256 g0 = _mm256_loadu_ps(gs[0] + d0), g1 = _mm256_loadu_ps(gs[1] + d0),
+                   g2 = _mm256_loadu_ps(gs[2] + d0), g3 = _mm256_loadu_ps(gs[3] + d0);
+      float* yk = dk + off0 + d0;
+      float* yv = dv + off0 + d0;
+      for (int c = 0; c < ncols; ++c, yk += step, yv += step) {
+        const float* a = ca + c * 4;
+        const float* b = cb + c * 4;
+        __m256 k0 = _mm256_mul_ps(_mm256_broadcast_ss(a + 0), q0);
+        __m256 k1 = _mm256_mul_ps(_mm256_broadcast_ss(a + 1), q1);
+        k0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a + 2), q2, k0);
+        k1 = _mm256_fmadd_ps(_mm256_broadcast_ss(a + 3), q3, k1);
+        __m256 v0 = _mm256_mul_ps(_mm256_broadcast_ss(b + 0), g0);
+        __m256 v1 = _mm256_mul_ps(_mm256_broadcast_ss(b + 1), g1);
+        v0 = _mm256_fmadd_ps(_mm256_broadcast_ss(b + 2), g2, v0);
+        v1 = _mm256_fmadd_ps(_mm256_broadcast_ss(b + 3), g3, v1);
+        _mm256_storeu_ps(yk, _mm256_add_ps(_mm256_loadu_ps(yk), _mm256_add_ps(k0, k1)));
+        _mm256_storeu_ps(yv, _mm256_add_ps(_mm256_loadu_ps(yv), _mm256_add_ps(v0, v1)));
+      }
+    }
+  }
+
+  MMBOAT_AVX2 static inline float max_of(const float* __restrict x, int n) {
+    if (n < 8) {
+      float m = x[0];
+      for (int j = 1; j < n; ++j) m = std::max(m, x[j]);
+      return m;
+    }
+    __m256 m0 = _mm256_loadu_ps(x);
+    int s = 8;
+    for (; s + 8 <= n; s += 8) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + s));
+    if (s < n) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + n - 8));  // overlapping tail
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+  }
+
+  MMBOAT_AVX2 static inline float sum_of(const float* __restrict x, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int s = 0;
+    for (; s + 16 <= n; s += 16) {
+      a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + s));
+      a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + s + 8));
+    }
+    for (; s + 8 <= n; s += 8) a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + s));
+    float tail = 0;
+    for (; s < n; ++s) tail += x[s];
+    return hsum1(_mm256_add_ps(a0, a1)) + tail;
+  }
+
+  MMBOAT_AVX2 static inline void axpy(float c, const float* __restrict x,
+                                             float* __restrict y, int dim) {
+    const __m256 cv = _mm256_set1_ps(c);
+    for (int d = 0; d < dim; d += 8)
+      _mm256_storeu_ps(y + d, _mm256_fmadd_ps(cv, _mm256_loadu_ps(x + d),
+                                              _mm256_loadu_ps(y + d)));
+  }
+
+  // exp(x) for x <= ~88: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2] (Cephes polynomial,
+  // ~2 ulp); inputs below -87 flush to 0.
+  MMBOAT_AVX2 static inline __m256 exp8(__m256 x) {
+    const __m256 too_small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  }
+
+  MMBOAT_AVX2 static inline void exp_shift(float* __restrict x, int n, float shift) {
+    const __m256 sv = _mm256_set1_ps(shift);
+    int s = 0;
+    for (; s + 8 <= n; s += 8)
+      _mm256_storeu_ps(x + s, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), sv)));
+    if (s < n) {
+      alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int j = 0; j < n - s; ++j) tmp[j] = x[s + j];
+      _mm256_store_ps(tmp, exp8(_mm256_sub_ps(_mm256_load_ps(tmp), sv)));
+      for (int j = 0; j < n - s; ++j) x[s + j] = tmp[j];
+    }
+  }
+};
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Problem description and the window of one query.
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct Problem {
+  using acc_t = typename AccOf<scalar_t>::type;
+  Shape3d s;
+  acc_t scale = 1;
+  const scalar_t* rpb = nullptr;  // [heads, bias extents...]
+  int64_t bstride[3] = {0, 0, 0};  // rpb strides of the three axes
+};
+
+// Slot lists of the queries in one row (fixed first two coordinates).
+struct RowWindow {
+  int nrows = 0;
+  int64_t row_off[512];   // token offset of each valid (axis0, axis1) key row
+  int64_t row_bias[512];  // rpb offset of each valid key row (within one head)
+  int row_slot[512];      // full-layout slot of the row's first key (a * k1 + b) * k2
+};
+
+template <typename scalar_t>
+MMBOAT_INLINE void build_row(const Problem<scalar_t>& P, int64_t t, int64_t h, RowWindow& rw) {
+  const Shape3d& s = P.s;
+  const AxisWindow w0 = axis_window(int(t), int(s.size[0]), s.kernel[0], s.dilation[0],
+                                    s.causal[0]);
+  const AxisWindow w1 = axis_window(int(h), int(s.size[1]), s.kernel[1], s.dilation[1],
+                                    s.causal[1]);
+  rw.nrows = 0;
+  for (int a = 0; a < w0.count; ++a) {
+    for (int b = 0; b < w1.count; ++b) {
+      const int64_t kt = w0.start + int64_t(a) * s.dilation[0];
+      const int64_t kh = w1.start + int64_t(b) * s.dilation[1];
+      rw.row_off[rw.nrows] = (kt * s.size[1] + kh) * s.size[2];
+      rw.row_bias[rw.nrows] = (w0.bias_start + a) * P.bstride[0] + (w1.bias_start + b) * P.bstride[1];
+      rw.row_slot[rw.nrows] = (a * s.kernel[1] + b) * s.kernel[2];
+      ++rw.nrows;
+    }
+  }
+}
+
+// Element offsets (relative to the (b, head) base) and rpb offsets of the valid slots of query
+// column w; returns their count. `slot` receives full-layout slot indices when not null.
+template <typename scalar_t>
+MMBOAT_INLINE int build_slots(const Problem<scalar_t>& P, const RowWindow& rw, int64_t w,
+                              int64_t* __restrict off, int64_t* __restrict bias,
+                              int* __restrict slot) {
+  const Shape3d& s = P.s;
+  const AxisWindow w2 = axis_window(int(w), int(s.size[2]), s.kernel[2], s.dilation[2],
+                                    s.causal[2]);
+  const int64_t dim = s.dim;
+  const int64_t step = int64_t(s.dilation[2]) * dim;
+  int n = 0;
+  for (int r = 0; r < rw.nrows; ++r) {
+    int64_t o = (rw.row_off[r] + w2.start) * dim;
+    const int64_t bo = rw.row_bias[r] + w2.bias_start;
+    for (int c = 0; c < w2.count; ++c, ++n, o += step) {
+      off[n] = o;
+      bias[n] = bo + c;
+      if (slot) slot[n] = rw.row_slot[r] + c;
+    }
+  }
+  return n;
+}
+
+// Slot lists shared by every query of one (axis0, axis1) row when the last axis is not causal
+// (all windows then have the same shape): element offsets relative to the window's first key,
+// rpb indices relative to the window's bias start, and the rpb values of every possible bias
+// start (0 .. k2 - 1) laid out per slot, so a query adds its bias with one contiguous read.
+template <typename acc_t>
+struct FixedRow {
+  int n = 0;
+  std::vector<int64_t> off, bidx;
+  std::vector<acc_t> bias;  // [k2][n]
+};
+
+template <typename scalar_t, typename acc_t>
+MMBOAT_INLINE void build_fixed(const Problem<scalar_t>& P, const RowWindow& rw,
+                               const scalar_t* rpb, FixedRow<acc_t>& fr) {
+  const Shape3d& s = P.s;
+  const int k2 = s.kernel[2];
+  const int64_t d2 = s.dilation[2];
+  fr.n = rw.nrows * k2;
+  fr.off.resize(fr.n);
+  fr.bidx.resize(fr.n);
+  for (int r = 0; r < rw.nrows; ++r)
+    for (int c = 0; c < k2; ++c) {
+      fr.off[r * k2 + c] = (rw.row_off[r] + c * d2) * s.dim;
+      fr.bidx[r * k2 + c] = rw.row_bias[r] + c;
+    }
+  if (rpb) {
+    fr.bias.resize(int64_t(k2) * fr.n + 8);
+    for (int bs = 0; bs < k2; ++bs)
+      for (int j = 0; j < fr.n; ++j)
+        fr.bias[bs * fr.n + j] = static_cast<acc_t>(rpb[fr.bidx[j] + bs]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Task layout of the scatter (backward) kernels.
+// ------------------------------------------------------------------------------------------
+struct TaskGrid {
+  int axis = 0;       // blocked axis
+  int64_t block = 1;  // in-group indices per block
+  int64_t groups = 1, blocks = 1;  // per (b, head)
+  int64_t per_bh() const { return groups * blocks; }
+};
+
+TaskGrid make_grid(const Shape3d& s) {
+  TaskGrid g;
+  g.axis = s.size[0] > 1 ? 0 : (s.size[1] > 1 ? 1 : 2);
+  const int k = s.kernel[g.axis];
+  const int d = s.dilation[g.axis];
+  g.block = std::max(2 * k - 2, 1);
+  g.groups = d;
+  const int64_t max_group_len = (s.size[g.axis] + d - 1) / d;
+  g.blocks = (max_group_len + g.block - 1) / g.block;
+  return g;
+}
+
+// Runs fn(task, bh, t, h, w_begin, w_end, w_step) over every query row piece of each task,
+// in two phases (even blocks, then odd blocks) so concurrently running tasks write
+// disjoint keys. `task` indexes [0, batch * heads * per_bh).
+template <typename Fn>
+void run_phased(const Shape3d& s, const TaskGrid& g, const Fn& fn) {
+  const int64_t bh_count = s.batch * s.heads;
+  const int64_t half = (g.blocks + 1) / 2;
+  for (int phase = 0; phase < 2; ++phase) {
+    const int64_t nblocks = phase == 0 ? half : g.blocks / 2;
+    const int64_t ntasks = bh_count * g.groups * nblocks;
+    if (ntasks == 0) continue;
+    at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t bh = i / (g.groups * nblocks);
+        const int64_t rem = i % (g.groups * nblocks);
+        const int64_t grp = rem / nblocks;
+        const int64_t blk = 2 * (rem % nblocks) + phase;
+        const int64_t task = (bh * g.groups + grp) * g.blocks + blk;
+        const int d = s.dilation[g.axis];
+        const int64_t first = (blk * g.block) * d + grp;
+        const int64_t last = std::min(((blk + 1) * g.block) * d + grp, s.size[g.axis]);
+        if (first >= s.size[g.axis]) continue;
+        if (g.axis == 2) {
+          fn(task, bh, int64_t(0), int64_t(0), first, last, int64_t(d));
+        } else if (g.axis == 1) {
+          for (int64_t h = first; h < last; h += d) fn(task, bh, int64_t(0), h, int64_t(0), s.size[2], int64_t(1));
+        } else {
+          for (int64_t t = first; t < last; t += d)
+            for (int64_t h = 0; h < s.size[1]; ++h) fn(task, bh, t, h, int64_t(0), s.size[2], int64_t(1));
+        }
+      }
+    });
+  }
+}
+
+// Sums per-task rpb partials [tasks, bias_size] into [heads, bias_size] in task order.
+template <typename acc_t>
+void reduce_bias(const Shape3d& s, const TaskGrid& g, const std::vector<acc_t>& part,
+                 acc_t* out) {
+  const int64_t bs = s.bias_size();
+  std::fill(out, out + s.heads * bs, acc_t(0));
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t h = 0; h < s.heads; ++h)
+      for (int64_t t = 0; t < g.per_bh(); ++t) {
+        const acc_t* src = part.data() + ((b * s.heads + h) * g.per_bh() + t) * bs;
+        acc_t* dst = out + h * bs;
+        for (int64_t i = 0; i < bs; ++i) dst[i] += src[i];
+      }
+}
+
+// Thread scratch sized for one query.
+template <typename acc_t>
+struct Scratch {
+  std::vector<int64_t> off, bias;
+  std::vector<int> slot;
+  std::vector<acc_t> a, b, q, q2, acc;
+  // Backward register blocks: kQB queries' p, ds, q, grad_out and scatter coefficients.
+  int64_t pstride = 0;
+  std::vector<acc_t> bp, bds, bq, bg, ca, cb;
+  Scratch(int64_t slots, int64_t dim, int64_t cols = 0)
+      : off(slots), bias(slots), slot(slots), a(slots + 8), b(slots + 8), q(dim), q2(dim),
+        acc(dim) {
+    if (cols > 0) {
+      pstride = slots + 8;
+      bp.assign(kQB * pstride, acc_t(0));
+      bds.assign(kQB * pstride, acc_t(0));
+      bq.assign(kQB * dim, acc_t(0));
+      bg.assign(kQB * dim, acc_t(0));
+      ca.assign((cols + kQB) * kQB, acc_t(0));
+      cb.assign((cols + kQB) * kQB, acc_t(0));
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// Fused forward.
+// ------------------------------------------------------------------------------------------
+template <class Ops, typename scalar_t>
+MMBOAT_INLINE void fused_forward_range(const Problem<scalar_t>& P, const scalar_t* q,
+                                       const scalar_t* k, const scalar_t* v, scalar_t* out,
+                                       typename AccOf<scalar_t>::type* lse, int64_t begin,
+                                       int64_t end, int64_t wchunk) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Shape3d& s = P.s;
+  const int dim = int(s.dim);
+  const int64_t hw = s.size[1] * s.size[2];
+  const int64_t bh_stride = s.tokens() * s.dim;
+  const int64_t nchunks = (s.size[2] + wchunk - 1) / wchunk;
+  Scratch<acc_t> sc(s.slots(), s.dim);
+  RowWindow rw;
+  FixedRow<acc_t> fr;
+  const bool fixed = !s.causal[2];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t chunk = task % nchunks;
+    const int64_t row = task / nchunks;  // (bh, t, h)
+    const int64_t bh = row / (s.size[0] * s.size[1]);
+    const int64_t th = row % (s.size[0] * s.size[1]);
+    const int64_t t = th / s.size[1], h = th % s.size[1];
+    build_row(P, t, h, rw);
+    const scalar_t* kb = k + bh * bh_stride;
+    const scalar_t* vb = v + bh * bh_stride;
+    const scalar_t* rpb = P.rpb ? P.rpb + (bh % s.heads) * s.bias_size() : nullptr;
+    if (fixed) build_fixed(P, rw, rpb, fr);
+    const int64_t w_end = std::min((chunk + 1) * wchunk, s.size[2]);
+    for (int64_t w = chunk * wchunk; w < w_end; ++w) {
+      const int64_t tok = bh * s.tokens() + t * hw + h * s.size[2] + w;
+      const scalar_t* qi = q + tok * s.dim;
+      for (int d = 0; d < dim; ++d) sc.q[d] = static_cast<acc_t>(qi[d]) * P.scale;
+      acc_t* logit = sc.a.data();
+      int n;
+      const scalar_t *kq = kb, *vq = vb;
+      const int64_t* offp = sc.off.data();
+      if (fixed) {
+        const AxisWindow w2 = axis_window(int(w), int(s.size[2]), s.kernel[2], s.dilation[2],
+                                          false);
+        n = fr.n;
+        kq = kb + w2.start * s.dim;
+        vq = vb + w2.start * s.dim;
+        offp = fr.off.data();
+        Ops::dots(sc.q.data(), kq, offp, n, dim, logit,
+                  rpb ? fr.bias.data() + int64_t(w2.bias_start) * n : nullptr);
+      } else {
+        n = build_slots(P, rw, w, sc.off.data(), sc.bias.data(), nullptr);
+        Ops::dots(sc.q.data(), kb, offp, n, dim, logit);
+        if (rpb)
+          for (int j = 0; j < n; ++j) logit[j] += static_cast<acc_t>(rpb[sc.bias[j]]);
+      }
+      const acc_t m = Ops::max_of(logit, n);
+      Ops::exp_shift(logit, n, m);
+      const acc_t sum = Ops::sum_of(logit, n);
+      const acc_t inv = acc_t(1) / sum;  // normalise the output, not the n weights
+      std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
+      Ops::weighted_sum(logit, vq, offp, n, dim, sc.acc.data());
+      scalar_t* oi = out + tok * s.dim;
+      for (int d = 0; d < dim; ++d) oi[d] = static_cast<scalar_t>(sc.acc[d] * inv);
+      lse[tok] = m + std::log(sum);
+    }
+  }
+}
+
+// Fast paths: the float overloads run the AVX2 kernels; the template says "not handled".
+template <typename scalar_t>
+bool forward_fast(const Problem<scalar_t>&, const scalar_t*, const scalar_t*, const scalar_t*,
+                  scalar_t*, typename AccOf<scalar_t>::type*, int64_t, int64_t, int64_t) {
+  return false;
+}
+
+#if MMBOAT_NA_X86
+MMBOAT_AVX2 MMBOAT_FLATTEN void fused_forward_range_avx2(const Problem<float>& P, const float* q,
+                                          const float* k, const float* v, float* out,
+                                          float* lse, int64_t begin, int64_t end,
+                                          int64_t wchunk) {
+  fused_forward_range<Avx2Ops, float>(P, q, k, v, out, lse, begin, end, wchunk);
+}
+
+bool forward_fast(const Problem<float>& P, const float* q, const float* k, const float* v,
+                  float* out, float* lse, int64_t begin, int64_t end, int64_t wchunk) {
+  fused_forward_range_avx2(P, q, k, v, out, lse, begin, end, wchunk);
+  return true;
+}
+#endif
+
+template <typename scalar_t>
+Problem<scalar_t> make_problem(const Shape3d& s, double scale, const at::Tensor& rpb) {
+  Problem<scalar_t> P;
+  P.s = s;
+  P.scale = static_cast<typename Problem<scalar_t>::acc_t>(scale);
+  P.rpb = rpb.defined() ? rpb.data_ptr<scalar_t>() : nullptr;
+  P.bstride[2] = 1;
+  P.bstride[1] = s.bias_extent(2);
+  P.bstride[0] = s.bias_extent(1) * s.bias_extent(2);
+  return P;
+}
+
+template <typename scalar_t>
+bool use_avx2(const Shape3d& s) {
+#if MMBOAT_NA_X86
+  return std::is_same<scalar_t, float>::value && s.dim % 8 == 0 && cpu_has_avx2();
+#else
+  return false;
+#endif
+}
+
+void check_window_rows(const Shape3d& s) {
+  TORCH_CHECK(int64_t(s.kernel[0]) * s.kernel[1] <= 512,
+              "neighborhood attention (CPU): kernel_size product over the leading axes must "
+              "be <= 512");
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_forward(int nd, const at::Tensor& query,
+                                                 const at::Tensor& key, const at::Tensor& value,
+                                                 const c10::optional<at::Tensor>& rpb_opt,
+                                                 at::IntArrayRef kernel_size,
+                                                 at::IntArrayRef dilation,
+                                                 const c10::List<bool>& is_causal, double scale) {
+  const char* op = nd == 1 ? "na1d_forward" : nd == 2 ? "na2d_forward" : "na3d_forward";
+  const Shape3d s = check_fused_forward(op, nd, query, key, value, rpb_opt, kernel_size,
+                                        dilation, is_causal);
+  check_window_rows(s);
+  at::Tensor out = at::empty_like(query);
+  at::Tensor lse = at::empty(query.sizes().slice(0, query.dim() - 1),
+                             query.options().dtype(lse_dtype(query.scalar_type())));
+  if (query.numel() == 0) return {out, lse};
+  const at::Tensor rpb = s.has_rpb ? *rpb_opt : at::Tensor();
+  const int64_t wchunk = 64;
+  const int64_t ntasks = s.batch * s.heads * s.size[0] * s.size[1] *
+                         ((s.size[2] + wchunk - 1) / wchunk);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "na_cpu", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    const auto P = make_problem<scalar_t>(s, scale, rpb);
+    const scalar_t* q = query.data_ptr<scalar_t>();
+    const scalar_t* k = key.data_ptr<scalar_t>();
+    const scalar_t* v = value.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    acc_t* l = lse.data_ptr<acc_t>();
+    const bool avx2 = use_avx2<scalar_t>(s);
+    at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+      if (avx2 && forward_fast(P, q, k, v, o, l, begin, end, wchunk)) return;
+      fused_forward_range<GenericOps<scalar_t>, scalar_t>(P, q, k, v, o, l, begin, end, wchunk);
+    });
+  });
+  return {out, lse};
+}
+
+// ------------------------------------------------------------------------------------------
+// Fused backward.
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const scalar_t *dout, *q, *k, *v, *out;
+  const acc_t* lse;
+  scalar_t* dq;
+  acc_t *dk, *dv;    // accumulation buffers, key layout
+  acc_t* dbias;      // [tasks, bias_size] or null
+};
+
+template <class Ops, typename scalar_t>
+MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const BackwardArgs<scalar_t>& A,
+                                      Scratch<typename AccOf<scalar_t>::type>& sc,
+                                      RowWindow& rw, int64_t task, int64_t bh, int64_t t,
+                                      int64_t h, int64_t w0, int64_t w1, int64_t wstep) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Shape3d& s = P.s;
+  const int dim = int(s.dim);
+  const int64_t bh_stride = s.tokens() * s.dim;
+  build_row(P, t, h, rw);
+  const scalar_t* kb = A.k + bh * bh_stride;
+  const scalar_t* vb = A.v + bh * bh_stride;
+  acc_t* dkb = A.dk + bh * bh_stride;
+  acc_t* dvb = A.dv + bh * bh_stride;
+  const scalar_t* rpb = P.rpb ? P.rpb + (bh % s.heads) * s.bias_size() : nullptr;
+  acc_t* dbias = A.dbias ? A.dbias + task * s.bias_size() : nullptr;
+  // Queries are taken in blocks of kQB consecutive members of one dilation group of the last
+  // axis: their windows share most key columns, so each key row of dK / dV is read and
+  // written once per block instead of once per query.
+  const int d2 = s.dilation[2];
+  const int64_t ngroups = wstep == d2 ? 1 : std::min<int64_t>(d2, w1 - w0);
+  const int64_t gstep = wstep == d2 ? wstep : d2;
+  AxisWindow win[kQB];
+  const acc_t* qs[kQB];
+  const acc_t* gs[kQB];
+  for (int64_t grp = 0; grp < ngroups; ++grp) {
+    for (int64_t wb = w0 + grp; wb < w1; wb += kQB * gstep) {
+      int nq = 0;
+      for (int64_t w = wb; w < w1 && nq < kQB; w += gstep, ++nq) {
+        win[nq] = axis_window(int(w), int(s.size[2]), s.kernel[2], d2, s.causal[2]);
+        const int64_t tok = bh * s.tokens() + (t * s.size[1] + h) * s.size[2] + w;
+        const int n = build_slots(P, rw, w, sc.off.data(), sc.bias.data(), nullptr);
+        const scalar_t* qi = A.q + tok * s.dim;
+        const scalar_t* gi = A.dout + tok * s.dim;
+        const scalar_t* oi = A.out + tok * s.dim;
+        acc_t* qv = sc.bq.data() + nq * dim;
+        acc_t* gv = sc.bg.data() + nq * dim;
+        acc_t delta = 0;
+        for (int d = 0; d < dim; ++d) {
+          qv[d] = static_cast<acc_t>(qi[d]);
+          gv[d] = static_cast<acc_t>(gi[d]);
+          delta += gv[d] * static_cast<acc_t>(oi[d]);
+          sc.acc[d] = qv[d] * P.scale;
+        }
+        acc_t* p = sc.bp.data() + nq * sc.pstride;
+        acc_t* dp = sc.bds.data() + nq * sc.pstride;
+        Ops::dots(sc.acc.data(), kb, sc.off.data(), n, dim, p);
+        Ops::dots(gv, vb, sc.off.data(), n, dim, dp);
+        if (rpb)
+          for (int j = 0; j < n; ++j) p[j] += static_cast<acc_t>(rpb[sc.bias[j]]);
+        Ops::exp_shift(p, n, A.lse[tok]);
+        for (int j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);  // dp now holds ds
+        if (dbias)
+          for (int j = 0; j < n; ++j) dbias[sc.bias[j]] += dp[j];
+        std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
+        Ops::weighted_sum(dp, kb, sc.off.data(), n, dim, sc.acc.data());
+        scalar_t* dqi = A.dq + tok * s.dim;
+        for (int d = 0; d < dim; ++d) dqi[d] = static_cast<scalar_t>(sc.acc[d] * P.scale);
+        qs[nq] = qv;
+        gs[nq] = gv;
+      }
+      for (int i = nq; i < kQB; ++i) {  // padding queries: zero coefficients
+        qs[i] = qs[0];
+        gs[i] = gs[0];
+      }
+      // Union of the block's key columns (window starts and ends grow with the query).
+      const int ustart = win[0].start;
+      const int uend = win[nq - 1].start + (win[nq - 1].count - 1) * d2;
+      const int ncols = (uend - ustart) / d2 + 1;
+      for (int r = 0; r < rw.nrows; ++r) {
+        acc_t* ca = sc.ca.data();
+        acc_t* cb = sc.cb.data();
+        std::fill(ca, ca + ncols * kQB, acc_t(0));
+        std::fill(cb, cb + ncols * kQB, acc_t(0));
+        for (int i = 0; i < nq; ++i) {
+          const int c0 = (win[i].start - ustart) / d2;
+          const acc_t* p = sc.bp.data() + i * sc.pstride + r * win[i].count;
+          const acc_t* dp = sc.bds.data() + i * sc.pstride + r * win[i].count;
+          for (int c = 0; c < win[i].count; ++c) {
+            ca[(c0 + c) * kQB + i] = dp[c] * P.scale;
+            cb[(c0 + c) * kQB + i] = p[c];
+          }
+        }
+        Ops::scatter_cols(ca, cb, ncols, qs, gs, dkb, dvb, (rw.row_off[r] + ustart) * s.dim,
+                          int64_t(d2) * s.dim, dim);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+bool backward_fast(const Problem<scalar_t>&, const BackwardArgs<scalar_t>&,
+                   Scratch<typename AccOf<scalar_t>::type>&, RowWindow&, int64_t, int64_t,
+                   int64_t, int64_t, int64_t, int64_t, int64_t) {
+  return false;
+}
+
+#if MMBOAT_NA_X86
+MMBOAT_AVX2 MMBOAT_FLATTEN void fused_backward_row_avx2(const Problem<float>& P, const BackwardArgs<float>& A,
+                                         Scratch<float>& sc, RowWindow& rw, int64_t task,
+                                         int64_t bh, int64_t t, int64_t h, int64_t w0,
+                                         int64_t w1, int64_t wstep) {
+  fused_backward_row<Avx2Ops, float>(P, A, sc, rw, task, bh, t, h, w0, w1, wstep);
+}
+
+bool backward_fast(const Problem<float>& P, const BackwardArgs<float>& A, Scratch<float>& sc,
+                   RowWindow& rw, int64_t task, int64_t bh, int64_t t, int64_t h, int64_t w0,
+                   int64_t w1, int64_t wstep) {
+  fused_backward_row_avx2(P, A, sc, rw, task, bh, t, h, w0, w1, wstep);
+  return true;
+}
+#endif
+
+// Float accumulation buffer for a gradient of `like`'s shape: the output itself when the
+// dtype already is the accumulation type.
+template <typename acc_t>
+at::Tensor accumulation_buffer(const at::Tensor& like) {
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  return at::zeros(like.sizes(), like.options().dtype(acc_type));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_backward(
+    int nd, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const c10::optional<at::Tensor>& rpb_opt, const at::Tensor& out,
+    const at::Tensor& logsumexp, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+    const c10::List<bool>& is_causal, double scale) {
+  const char* op = nd == 1 ? "na1d_backward" : nd == 2 ? "na2d_backward" : "na3d_backward";
+  const Shape3d s = check_fused_backward(op, nd, grad_out, query, key, value, rpb_opt, out,
+                                         logsumexp, kernel_size, dilation, is_causal);
+  check_window_rows(s);
+  const at::Tensor rpb = s.has_rpb ? *rpb_opt : at::Tensor();
+  at::Tensor dq = at::empty_like(query);
+  at::Tensor dk, dv, drpb;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "na_cpu", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    at::Tensor dk_acc = accumulation_buffer<acc_t>(key);
+    at::Tensor dv_acc = accumulation_buffer<acc_t>(value);
+    at::Tensor drpb_acc;
+    if (s.has_rpb) drpb_acc = at::zeros(rpb.sizes(), rpb.options().dtype(dk_acc.scalar_type()));
+    if (query.numel() > 0) {
+      const auto P = make_problem<scalar_t>(s, scale, rpb);
+      const TaskGrid g = make_grid(s);
+      std::vector<acc_t> dbias;
+      if (s.has_rpb) dbias.assign(s.batch * s.heads * g.per_bh() * s.bias_size(), acc_t(0));
+      BackwardArgs<scalar_t> A{grad_out.data_ptr<scalar_t>(), query.data_ptr<scalar_t>(),
+                               key.data_ptr<scalar_t>(),      value.data_ptr<scalar_t>(),
+                               out.data_ptr<scalar_t>(),      logsumexp.data_ptr<acc_t>(),
+                               dq.data_ptr<scalar_t>(),       dk_acc.data_ptr<acc_t>(),
+                               dv_acc.data_ptr<acc_t>(),      s.has_rpb ? dbias.data() : nullptr};
+      const bool avx2 = use_avx2<scalar_t>(s);
+      // One scratch per thread, reused across tasks.
+      std::vector<std::unique_ptr<Scratch<acc_t>>> scratch(at::get_num_threads() + 1);
+      std::vector<std::unique_ptr<RowWindow>> rows(at::get_num_threads() + 1);
+      run_phased(s, g, [&](int64_t task, int64_t bh, int64_t t, int64_t h, int64_t w0,
+                           int64_t w1, int64_t wstep) {
+        const int tid = std::min<int>(at::get_thread_num(), int(scratch.size()) - 1);
+        if (!scratch[tid]) {
+          scratch[tid] = std::make_unique<Scratch<acc_t>>(s.slots(), s.dim, s.kernel[2]);
+          rows[tid] = std::make_unique<RowWindow>();
+        }
+        if (avx2 && backward_fast(P, A, *scratch[tid], *rows[tid], task, bh, t, h, w0, w1,
+                                  wstep))
+          return;
+        fused_backward_row<GenericOps<scalar_t>, scalar_t>(P, A, *scratch[tid], *rows[tid], task,
+                                                           bh, t, h, w0, w1, wstep);
+      });
+      if (s.has_rpb) reduce_bias(s, g, dbias, drpb_acc.data_ptr<acc_t>());
+    }
+    dk = dk_acc.scalar_type() == key.scalar_type() ? dk_acc : dk_acc.to(key.scalar_type());
+    dv = dv_acc.scalar_type() == value.scalar_type() ? dv_acc : dv_acc.to(value.scalar_type());
+    if (s.has_rpb)
+      drpb = drpb_acc.scalar_type() == rpb.scalar_type() ? drpb_acc
+                                                          : drpb_acc.to(rpb.scalar_type());
+  });
+  c10::optional<at::Tensor> grad_rpb;
+  if (s.has_rpb) grad_rpb = drpb;
+  return {dq, dk, dv, grad_rpb};
+}
+
+// ------------------------------------------------------------------------------------------
+// Unfused 2-D ops (generic loops; they serve attention maps and NATTEN<=0.17-style code).
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t, typename Fn>
+void for_each_query(const Problem<scalar_t>& P, const Fn& fn) {
+  const Shape3d& s = P.s;
+  const int64_t rows = s.batch * s.heads * s.size[0] * s.size[1];
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    using acc_t = typename AccOf<scalar_t>::type;
+    Scratch<acc_t> sc(s.slots(), s.dim);
+    RowWindow rw;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / (s.size[0] * s.size[1]);
+      const int64_t th = row % (s.size[0] * s.size[1]);
+      const int64_t t = th / s.size[1], h = th % s.size[1];
+      build_row(P, t, h, rw);
+      for (int64_t w = 0; w < s.size[2]; ++w) {
+        const int n = build_slots(P, rw, w, sc.off.data(), sc.bias.data(), sc.slot.data());
+        fn(sc, bh, row * s.size[2] + w, n);
+      }
+    }
+  });
+}
+
+at::Tensor qk_forward(const at::Tensor& query, const at::Tensor& key,
+                      const c10::optional<at::Tensor>& rpb_opt, at::IntArrayRef kernel_size,
+                      at::IntArrayRef dilation, const c10::List<bool>& is_causal) {
+  const char* op = "na2d_qk";
+  const bool has_rpb = rpb_opt.has_value() && rpb_opt->defined();
+  const Shape3d s = check_config(query, op, "query", 2, kernel_size, dilation, is_causal,
+                                 has_rpb);
+  check_like(query, key, op, "query", "key");
+  if (has_rpb) check_rpb(*rpb_opt, query, s, 2, op);
+  std::vector<int64_t> shape(query.sizes().begin(), query.sizes().end() - 1);
+  shape.push_back(s.slots());
+  at::Tensor attn = at::empty(shape, query.options());
+  if (attn.numel() == 0) return attn;
+  const at::Tensor rpb = has_rpb ? *rpb_opt : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "na_cpu", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    const auto P = make_problem<scalar_t>(s, 1.0, rpb);
+    const scalar_t* q = query.data_ptr<scalar_t>();
+    const scalar_t* k = key.data_ptr<scalar_t>();
+    scalar_t* a = attn.data_ptr<scalar_t>();
+    const int64_t bh_stride = s.tokens() * s.dim;
+    const int64_t K = s.slots();
+    for_each_query(P, [&](Scratch<acc_t>& sc, int64_t bh, int64_t tok, int n) {
+      for (int d = 0; d < s.dim; ++d) sc.q[d] = static_cast<acc_t>(q[tok * s.dim + d]);
+      GenericOps<scalar_t>::dots(sc.q.data(), k + bh * bh_stride, sc.off.data(), n,
+                                 int(s.dim), sc.a.data());
+      scalar_t* ai = a + tok * K;
+      for (int64_t j = 0; j < K; ++j) ai[j] = -std::numeric_limits<scalar_t>::infinity();
+      const scalar_t* rb = P.rpb ? P.rpb + (bh % s.heads) * s.bias_size() : nullptr;
+      for (int j = 0; j < n; ++j) {
+        acc_t v = sc.a[j];
+        if (rb) v += static_cast<acc_t>(rb[sc.bias[j]]);
+        ai[sc.slot[j]] = static_cast<scalar_t>(v);
+      }
+    });
+  });
+  return attn;
+}
+
+at::Tensor av_forward(const at::Tensor& attn, const at::Tensor& value,
+                      at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                      const c10::List<bool>& is_causal) {
+  const char* op = "na2d_av";
+  const Shape3d s = check_config(value, op, "value", 2, kernel_size, dilation, is_causal,
+                                 false);
+  check_attn(op, attn, value, s);
+  at::Tensor out = at::empty_like(value);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "na_cpu", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    const auto P = make_problem<scalar_t>(s, 1.0, at::Tensor());
+    const scalar_t* a = attn.data_ptr<scalar_t>();
+    const scalar_t* v = value.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t bh_stride = s.tokens() * s.dim;
+    const int64_t K = s.slots();
+    for_each_query(P, [&](Scratch<acc_t>& sc, int64_t bh, int64_t tok, int n) {
+      for (int j = 0; j < n; ++j) sc.a[j] = static_cast<acc_t>(a[tok * K + sc.slot[j]]);
+      std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
+      GenericOps<scalar_t>::weighted_sum(sc.a.data(), v + bh * bh_stride, sc.off.data(), n,
+                                         int(s.dim), sc.acc.data());
+      for (int d = 0; d < s.dim; ++d) o[tok * s.dim + d] = static_cast<scalar_t>(sc.acc[d]);
+    });
+  });
+  return out;
+}
+
+// Phased scatter over queries for the unfused backwards.
+template <typename scalar_t, typename Fn>
+void for_each_query_phased(const Problem<scalar_t>& P, const TaskGrid& g, const Fn& fn) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const Shape3d& s = P.s;
+  std::vector<std::unique_ptr<Scratch<acc_t>>> scratch(at::get_num_threads() + 1);
+  std::vector<std::unique_ptr<RowWindow>> rows(at::get_num_threads() + 1);
+  run_phased(s, g, [&](int64_t task, int64_t bh, int64_t t, int64_t h, int64_t w0, int64_t w1,
+                       int64_t wstep) {
+    const int tid = std::min<int>(at::get_thread_num(), int(scratch.size()) - 1);
+    if (!scratch[tid]) {
+      scratch[tid] = std::make_unique<Scratch<acc_t>>(s.slots(), s.dim);
+      rows[tid] = std::make_unique<RowWindow>();
+    }
+    Scratch<acc_t>& sc = *scratch[tid];
+    build_row(P, t, h, *rows[tid]);
+    for (int64_t w = w0; w < w1; w += wstep) {
+      const int n = build_slots(P, *rows[tid], w, sc.off.data(), sc.bias.data(),
+                                sc.slot.data());
+      fn(sc, task, bh, (bh * s.size[0] * s.size[1] + t * s.size[1] + h) * s.size[2] + w, n);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> qk_backward(
+    const at::Tensor& grad_attn, const at::Tensor& query, const at::Tensor& key, bool has_rpb,
+    at::IntArrayRef kernel_size, at::IntArrayRef dilation, const c10::List<bool>& is_causal) {
+  const char* op = "na2d_qk_backward";
+  const Shape3d s = check_config(query, op, "query", 2, kernel_size, dilation, is_causal,
+                                 has_rpb);
+  check_like(query, key, op, "query", "key");
+  check_attn(op, grad_attn, query, s);
+  at::Tensor dq = at::empty_like(query);
+  at::Tensor dk, drpb;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "na_cpu", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    at::Tensor dk_acc = accumulation_buffer<acc_t>(key);
+    at::Tensor drpb_acc;
+    if (has_rpb)
+      drpb_acc = at::zeros({s.heads, s.bias_extent(1), s.bias_extent(2)},
+                           dk_acc.options());
+    if (query.numel() > 0) {
+      const auto P = make_problem<scalar_t>(s, 1.0, at::Tensor());
+      const TaskGrid g = make_grid(s);
+      std::vector<acc_t> dbias;
+      if (has_rpb) dbias.assign(s.batch * s.heads * g.per_bh() * s.bias_size(), acc_t(0));
+      const scalar_t* ga = grad_attn.data_ptr<scalar_t>();
+      const scalar_t* q = query.data_ptr<scalar_t>();
+      const scalar_t* k = key.data_ptr<scalar_t>();
+      scalar_t* dqp = dq.data_ptr<scalar_t>();
+      acc_t* dkp = dk_acc.data_ptr<acc_t>();
+      const int64_t bh_stride = s.tokens() * s.dim;
+      const int64_t K = s.slots();
+      const int dim = int(s.dim);
+      for_each_query_phased(P, g, [&](Scratch<acc_t>& sc, int64_t task, int64_t bh,
+                                      int64_t tok, int n) {
+        for (int j = 0; j < n; ++j) sc.a[j] = static_cast<acc_t>(ga[tok * K + sc.slot[j]]);
+        for (int d = 0; d < dim; ++d) sc.q[d] = static_cast<acc_t>(q[tok * s.dim + d]);
+        std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
+        GenericOps<scalar_t>::weighted_sum(sc.a.data(), k + bh * bh_stride, sc.off.data(), n,
+                                           dim, sc.acc.data());
+        for (int d = 0; d < dim; ++d) dqp[tok * s.dim + d] = static_cast<scalar_t>(sc.acc[d]);
+        acc_t* dkb = dkp + bh * bh_stride;
+        for (int j = 0; j < n; ++j)
+          GenericOps<scalar_t>::axpy(sc.a[j], sc.q.data(), dkb + sc.off[j], dim);
+        if (has_rpb) {
+          acc_t* db = dbias.data() + task * s.bias_size();
+          for (int j = 0; j < n; ++j) db[sc.bias[j]] += sc.a[j];
+        }
+      });
+      if (has_rpb) reduce_bias(s, g, dbias, drpb_acc.data_ptr<acc_t>());
+    }
+    dk = dk_acc.scalar_type() == key.scalar_type() ? dk_acc : dk_acc.to(key.scalar_type());
+    if (has_rpb) drpb = drpb_acc.to(query.scalar_type());
+  });
+  c10::optional<at::Tensor> grad_rpb;
+  if (has_rpb) grad_rpb = drpb;
+  return {dq, dk, grad_rpb};
+}
+
+std::tuple<at::Tensor, at::Tensor> av_backward(const at::Tensor& grad_out,
+                                               const at::Tensor& attn, const at::Tensor& value,
+                                               at::IntArrayRef kernel_size,
+                                               at::IntArrayRef dilation,
+                                               const c10::List<bool>& is_causal) {
+  const char* op = "na2d_av_backward";
+  const Shape3d s = check_config(value, op, "value", 2, kernel_size, dilation, is_causal,
+                                 false);
+  check_attn(op, attn, value, s);
+  check_like(value, grad_out, op, "value", "grad_out");
+  at::Tensor dattn = at::zeros_like(attn);
+  at::Tensor dv;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "na_cpu", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    at::Tensor dv_acc = accumulation_buffer<acc_t>(value);
+    if (value.numel() > 0) {
+      const auto P = make_problem<scalar_t>(s, 1.0, at::Tensor());
+      const TaskGrid g = make_grid(s);
+      const scalar_t* go = grad_out.data_ptr<scalar_t>();
+      const scalar_t* a = attn.data_ptr<scalar_t>();
+      const scalar_t* v = value.data_ptr<scalar_t>();
+      scalar_t* da = dattn.data_ptr<scalar_t>();
+      acc_t* dvp = dv_acc.data_ptr<acc_t>();
+      const int64_t bh_stride = s.tokens() * s.dim;
+      const int64_t K = s.slots();
+      const int dim = int(s.dim);
+      for_each_query_phased(P, g, [&](Scratch<acc_t>& sc, int64_t task, int64_t bh,
+                                      int64_t tok, int n) {
+        for (int d = 0; d < dim; ++d) sc.q[d] = static_cast<acc_t>(go[tok * s.dim + d]);
+        GenericOps<scalar_t>::dots(sc.q.data(), v + bh * bh_stride, sc.off.data(), n, dim,
+                                   sc.b.data());
+        for (int j = 0; j < n; ++j) {
+          da[tok * K + sc.slot[j]] = static_cast<scalar_t>(sc.b[j]);
+          GenericOps<scalar_t>::axpy(static_cast<acc_t>(a[tok * K + sc.slot[j]]), sc.q.data(),
+                                     dvp + bh * bh_stride + sc.off[j], dim);
+        }
+      });
+    }
+    dv = dv_acc.scalar_type() == value.scalar_type() ? dv_acc : dv_acc.to(value.scalar_type());
+  });
+  return {dattn, dv};
+}
+
+// ------------------------------------------------------------------------------------------
+// Registration.
+// ------------------------------------------------------------------------------------------
+template <int ND>
+std::tuple<at::Tensor, at::Tensor> forward_nd(const at::Tensor& query, const at::Tensor& key,
+                                              const at::Tensor& value,
+                                              const c10::optional<at::Tensor>& rpb,
+                                              at::IntArrayRef kernel_size,
+                                              at::IntArrayRef dilation,
+                                              const c10::List<bool>& is_causal, double scale) {
+  return fused_forward(ND, query, key, value, rpb, kernel_size, dilation, is_causal, scale);
+}
+
+template <int ND>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> backward_nd(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const c10::optional<at::Tensor>& rpb, const at::Tensor& out,
+    const at::Tensor& logsumexp, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+    const c10::List<bool>& is_causal, double scale) {
+  return fused_backward(ND, grad_out, query, key, value, rpb, out, logsumexp, kernel_size,
+                        dilation, is_causal, scale);
+}
+
+}  // namespace
+}  // namespace na
+}  // namespace mmboat
+
+TORCH_LIBRARY_IMPL(mmboat, CPU, m) {
+  using namespace mmboat::na;
+  m.impl("na1d_forward", &forward_nd<1>);
+  m.impl("na2d_forward", &forward_nd<2>);
+  m.impl("na3d_forward", &forward_nd<3>);
+  m.impl("na1d_backward", &backward_nd<1>);
+  m.impl("na2d_backward", &backward_nd<2>);
+  m.impl("na3d_backward", &backward_nd<3>);
+  m.impl("na2d_qk", &qk_forward);
+  m.impl("na2d_qk_backward", &qk_backward);
+  m.impl("na2d_av", &av_forward);
+  m.impl("na2d_av_backward", &av_backward);
+}

@@ -1,0 +1,348 @@
+"""BOAT-CSWin: CSWin Transformer with feature-space local attention (FSLA) blocks.
+
+BOAT: Bilateral Local Attention Vision Transformer (Yu et al., BMVC 2022,
+https://arxiv.org/abs/2201.13027) on CSWin Transformer (Dong et al., CVPR 2022,
+https://arxiv.org/abs/2107.00652). Module names are CSWin's / BOAT-CSWin's own
+(``stage{k}.{j}.{qkv, norm1, attns, proj, norm3, content_attn, norm2, mlp}``, ``merge{k}``), so
+released weights load after ``tools/model_converters/boat_cswin_to_mmboat.py`` (prefix change,
+``stage1_conv_embed.{0,2}`` -> ``stage1_conv_embed.{conv,norm}``, ``norm`` -> ``norm3``).
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule
+
+from mmboat.models.layers.cswin_attention import StripeAttention
+from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
+from mmboat.registry import MODELS
+from .boat_swin import (MLP, DropPath, _check_fsla_blocks, _check_out_indices, _init_module,
+                        _layer_depth, _linear_drop_path, _norms_to_eval, check_arch)
+
+__all__ = ['BOATCSWinTransformer', 'BOATCSWinBlock']
+
+
+class ConvEmbed(nn.Module):
+    """CSWin's stem ``stage1_conv_embed``: ``conv`` 7x7 stride 4 padding 2, then ``norm``.
+
+    Args:
+        in_channels: image channels.
+        embed_dims: output channels C.
+    """
+
+    def __init__(self, in_channels: int, embed_dims: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, embed_dims, 7, 4, 2)
+        self.norm = nn.LayerNorm(embed_dims)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """``[B, 3, H, W]`` -> tokens ``[B, h*w, C]`` and (h, w), ``h = floor((H - 3) / 4) + 1``."""
+        if min(x.shape[-2:]) < 3:
+            raise ValueError(f'BOAT-CSWin needs an input of at least 3x3, got '
+                             f'{tuple(x.shape[-2:])}')
+        x = self.conv(x)
+        hw_shape = (x.shape[2], x.shape[3])
+        return self.norm(x.flatten(2).transpose(1, 2)), hw_shape
+
+
+class MergeBlock(nn.Module):
+    """CSWin's ``merge{k}``: ``conv`` 3x3 stride 2 padding 1 (C -> 2C), then ``norm``.
+
+    Args:
+        in_dims: input channels.
+        out_dims: output channels.
+    """
+
+    def __init__(self, in_dims: int, out_dims: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_dims, out_dims, 3, 2, 1)
+        self.norm = nn.LayerNorm(out_dims)
+
+    def forward(self, x: torch.Tensor,
+                hw_shape: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        B, N, C = x.shape
+        x = self.conv(x.transpose(1, 2).reshape(B, C, *hw_shape))
+        out_hw = (x.shape[2], x.shape[3])
+        return self.norm(x.flatten(2).transpose(1, 2)), out_hw
+
+
+class BOATCSWinBlock(nn.Module):
+    """CSWin block (cross-shaped window attention, MLP), optionally with an FSLA sub-layer.
+
+    ``x += DropPath(proj(cat(attns[0](...), attns[1](...))))`` on ``qkv(norm1(x))``, where
+    ``attns[0]`` takes the first half of the channels/heads on vertical stripes and ``attns[1]``
+    the second half on horizontal stripes (one full-map branch in the last stage); with FSLA
+    ``x += [DropPath](content_attn(norm3(x)))``; ``x += DropPath(mlp(norm2(x)))``.
+
+    Args:
+        embed_dims: channels C.
+        num_heads: heads (even unless ``last_stage``).
+        stripe_width: stripe width.
+        last_stage: attend over the whole map with one branch. Defaults to False.
+        mlp_ratio: MLP hidden ratio. Defaults to 4.
+        qkv_bias: bias in the qkv projections. Defaults to True.
+        qk_scale: stripe attention logit scale (None: ``head_dim ** -0.5``). Defaults to None.
+        drop_rate: dropout after projections. Defaults to 0.
+        attn_drop_rate: stripe attention dropout. Defaults to 0.
+        drop_path_rate: stochastic depth of this block. Defaults to 0.
+        with_fsla: add ``norm3``/``content_attn``. Defaults to False.
+        fsla_cluster_size: FSLA cluster size. Defaults to 49.
+        fsla_overlap: FSLA sibling overlap. Defaults to 20.
+        fsla_iters: FSLA clustering iterations. Defaults to 2.
+        fsla_tau: FSLA inverse temperature. Defaults to 100.
+        fsla_qk_scale: FSLA logit scale (None: ``head_dim ** -0.5``). Defaults to 1.0, the scale
+            the released BOAT-CSWin weights were trained with.
+        fsla_drop_path: DropPath on the FSLA residual (released BOAT-CSWin: yes). Defaults to True.
+        with_cp: activation checkpointing. Defaults to False.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 stripe_width: int,
+                 last_stage: bool = False,
+                 mlp_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.,
+                 with_fsla: bool = False,
+                 fsla_cluster_size: int = 49,
+                 fsla_overlap: int = 20,
+                 fsla_iters: int = 2,
+                 fsla_tau: float = 100.,
+                 fsla_qk_scale: Optional[float] = 1.,
+                 fsla_drop_path: bool = True,
+                 with_cp: bool = False) -> None:
+        super().__init__()
+        if not last_stage and (num_heads % 2 or embed_dims % 2):
+            raise ValueError('cross-shaped attention splits heads and channels in two halves; '
+                             f'got num_heads={num_heads}, embed_dims={embed_dims}')
+        self.with_fsla = with_fsla
+        self.with_cp = with_cp
+        self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
+        self.norm1 = nn.LayerNorm(embed_dims)
+        if last_stage:
+            branches = [(embed_dims, num_heads, 'full')]
+        else:
+            branches = [(embed_dims // 2, num_heads // 2, 'vertical'),
+                        (embed_dims // 2, num_heads // 2, 'horizontal')]
+        self.attns = nn.ModuleList([
+            StripeAttention(dims, heads, stripe_width, direction, qk_scale, attn_drop_rate)
+            for dims, heads, direction in branches
+        ])
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.proj_drop = nn.Dropout(drop_rate)
+        self.drop_path = DropPath(drop_path_rate)
+        if with_fsla:
+            self.norm3 = nn.LayerNorm(embed_dims)
+            self.content_attn = FeatureSpaceLocalAttention(
+                embed_dims, num_heads, cluster_size=fsla_cluster_size, overlap=fsla_overlap,
+                iters=fsla_iters, tau=fsla_tau, qkv_bias=qkv_bias, qk_scale=fsla_qk_scale,
+                proj_drop=drop_rate)
+            self.fsla_drop_path = DropPath(drop_path_rate) if fsla_drop_path else nn.Identity()
+        self.norm2 = nn.LayerNorm(embed_dims)
+        self.mlp = MLP(embed_dims, int(embed_dims * mlp_ratio), drop_rate)
+
+    def cross_shaped_attention(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """The image-space sub-layer without its residual: ``[B, N, C]`` -> ``[B, N, C]``."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        outs, start = [], 0
+        for attn in self.attns:
+            part = slice(start, start + attn.embed_dims)
+            outs.append(attn(q[..., part], k[..., part], v[..., part], hw_shape))
+            start += attn.embed_dims
+        return self.proj_drop(self.proj(torch.cat(outs, dim=-1)))
+
+    def _forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.cross_shaped_attention(self.norm1(x), hw_shape))
+        if self.with_fsla:
+            x = x + self.fsla_drop_path(self.content_attn(self.norm3(x), hw_shape))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """``[B, H*W, C]`` -> ``[B, H*W, C]``."""
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(self._forward, x, hw_shape, use_reentrant=False)
+        return self._forward(x, hw_shape)
+
+
+@MODELS.register_module()
+class BOATCSWinTransformer(BaseModule):
+    """BOAT-CSWin backbone.
+
+    CSWin Transformer with a feature-space local attention sub-layer (``norm3``/
+    ``content_attn``, see :class:`FeatureSpaceLocalAttention`) in the even-index blocks of every
+    stage (14 FSLA modules in tiny, 20 in small/base), as in the released BOAT-CSWin.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict with keys ``embed_dims``,
+            ``depths``, ``num_heads`` and ``stripe_widths``. Defaults to ``'tiny'``.
+        in_channels: image channels. Defaults to 3.
+        mlp_ratio: MLP hidden ratio. Defaults to 4.
+        qkv_bias: bias in qkv projections. Defaults to True.
+        qk_scale: stripe-attention logit scale (None: ``head_dim ** -0.5``). Defaults to None.
+        drop_rate: dropout after projections. Defaults to 0.
+        attn_drop_rate: stripe attention dropout. Defaults to 0.
+        drop_path_rate: stochastic depth, linear from 0 over all blocks. Defaults to 0.1.
+        out_indices: stages whose outputs are returned (NCHW, strides 4/8/16/32), each through its
+            own ``norm{i}`` LayerNorm. Defaults to ``(3, )``.
+        frozen_stages: -1 freezes nothing, 0 the stem (``stage1_conv_embed``), k >= 1 the stem and
+            stages 0..k-1 (with their ``merge`` layers and output norms). Defaults to -1.
+        norm_eval: keep norm layers in eval mode while training. Defaults to False.
+        with_cp: activation checkpointing per block. Defaults to False.
+        fsla_blocks: block indices with FSLA for each stage; None is the released placement
+            (even-index blocks of every stage). Defaults to None.
+        fsla_cluster_size: FSLA cluster size m. Defaults to 49.
+        fsla_overlap: FSLA sibling overlap o. Defaults to 20.
+        fsla_iters: FSLA clustering iterations. Defaults to 2.
+        fsla_tau: FSLA inverse temperature. Defaults to 100.
+        fsla_qk_scale: FSLA logit scale; None is ``head_dim ** -0.5``. Defaults to 1.0, the
+            scale the released BOAT-CSWin weights were trained with (a bug of the released code
+            that those weights need).
+        fsla_drop_path: DropPath on the FSLA residual (released: yes). Defaults to True.
+        init_cfg: mmengine init config. Defaults to None.
+
+    Examples:
+        >>> model = BOATCSWinTransformer(arch='tiny', out_indices=(0, 1, 2, 3))
+        >>> [tuple(o.shape) for o in model(torch.rand(1, 3, 64, 96))]
+        [(1, 64, 16, 24), (1, 128, 8, 12), (1, 256, 4, 6), (1, 512, 2, 3)]
+    """
+    arch_zoo = {
+        **dict.fromkeys(['t', 'tiny'], dict(embed_dims=64, depths=(1, 2, 21, 1),
+                                            num_heads=(2, 4, 8, 16), stripe_widths=(1, 2, 7, 7))),
+        **dict.fromkeys(['s', 'small'], dict(embed_dims=64, depths=(2, 4, 32, 2),
+                                             num_heads=(2, 4, 8, 16),
+                                             stripe_widths=(1, 2, 7, 7))),
+        **dict.fromkeys(['b', 'base'], dict(embed_dims=96, depths=(2, 4, 32, 2),
+                                            num_heads=(4, 8, 16, 32),
+                                            stripe_widths=(1, 2, 7, 7))),
+    }
+    essential_keys = ('embed_dims', 'depths', 'num_heads', 'stripe_widths')
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 mlp_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 out_indices: Sequence[int] = (3, ),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 fsla_blocks: Optional[Sequence[Sequence[int]]] = None,
+                 fsla_cluster_size: int = 49,
+                 fsla_overlap: int = 20,
+                 fsla_iters: int = 2,
+                 fsla_tau: float = 100.,
+                 fsla_qk_scale: Optional[float] = 1.,
+                 fsla_drop_path: bool = True,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        arch = check_arch(arch, self.arch_zoo, self.essential_keys, type(self).__name__)
+        self.embed_dims = int(arch['embed_dims'])
+        self.depths = tuple(int(d) for d in arch['depths'])
+        self.num_heads = tuple(int(h) for h in arch['num_heads'])
+        self.stripe_widths = tuple(int(s) for s in arch['stripe_widths'])
+        self.num_stages = len(self.depths)
+        if not len(self.num_heads) == len(self.stripe_widths) == self.num_stages:
+            raise ValueError(f'depths {self.depths}, num_heads {self.num_heads} and stripe_widths '
+                             f'{self.stripe_widths} must have the same length')
+        self.out_indices = _check_out_indices(out_indices, self.num_stages)
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], '
+                             f'got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        if fsla_blocks is None:
+            fsla_blocks = [list(range(0, d, 2)) for d in self.depths]
+        self.fsla_blocks = _check_fsla_blocks(fsla_blocks, self.depths)
+
+        self.stage1_conv_embed = ConvEmbed(in_channels, self.embed_dims)
+        dpr = _linear_drop_path(drop_path_rate, sum(self.depths))
+        dims = self.embed_dims
+        for i in range(self.num_stages):
+            blocks = nn.ModuleList([
+                BOATCSWinBlock(
+                    dims, self.num_heads[i], self.stripe_widths[i],
+                    last_stage=i == self.num_stages - 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                    qk_scale=qk_scale, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                    drop_path_rate=dpr[sum(self.depths[:i]) + j],
+                    with_fsla=j in self.fsla_blocks[i], fsla_cluster_size=fsla_cluster_size,
+                    fsla_overlap=fsla_overlap, fsla_iters=fsla_iters, fsla_tau=fsla_tau,
+                    fsla_qk_scale=fsla_qk_scale, fsla_drop_path=fsla_drop_path, with_cp=with_cp)
+                for j in range(self.depths[i])
+            ])
+            self.add_module(f'stage{i + 1}', blocks)
+            if i in self.out_indices:
+                self.add_module(f'norm{i}', nn.LayerNorm(dims))
+            if i < self.num_stages - 1:
+                self.add_module(f'merge{i + 1}', MergeBlock(dims, dims * 2))
+                dims *= 2
+        self.num_features = [self.embed_dims * 2**i for i in range(self.num_stages)]
+        self.apply(_init_module)
+        self._freeze_stages()
+
+    @property
+    def num_fsla_modules(self) -> int:
+        """How many FSLA modules the backbone holds."""
+        return sum(len(b) for b in self.fsla_blocks)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """``[B, C_in, H, W]`` -> NCHW maps of the stages in ``out_indices``."""
+        if x.dim() != 4:
+            raise ValueError(f'expected an image batch [B, C, H, W], got shape {tuple(x.shape)}')
+        x, hw_shape = self.stage1_conv_embed(x)
+        outs = []
+        for i in range(self.num_stages):
+            for block in getattr(self, f'stage{i + 1}'):
+                x = block(x, hw_shape)
+            if i in self.out_indices:
+                out = getattr(self, f'norm{i}')(x)
+                outs.append(out.transpose(1, 2).reshape(out.shape[0], -1,
+                                                        *hw_shape).contiguous())
+            if i < self.num_stages - 1:
+                x, hw_shape = getattr(self, f'merge{i + 1}')(x, hw_shape)
+        return tuple(outs)
+
+    def _freeze_stages(self) -> None:
+        frozen = []
+        if self.frozen_stages >= 0:
+            frozen.append(self.stage1_conv_embed)
+        for i in range(self.frozen_stages):
+            frozen.append(getattr(self, f'stage{i + 1}'))
+            if i < self.num_stages - 1:
+                frozen.append(getattr(self, f'merge{i + 1}'))
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{i}'))
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'BOATCSWinTransformer':
+        """Set train mode, keeping frozen stages (and norms with ``norm_eval``) in eval mode."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            _norms_to_eval(self)
+        return self
+
+    def get_layer_depth(self, param_name: str, prefix: str = '') -> Tuple[int, int]:
+        """Layer depth of a parameter, for layer-wise learning-rate decay.
+
+        Args:
+            param_name: parameter name, e.g. ``backbone.stage3.4.content_attn.qkv.weight``.
+            prefix: prefix of the backbone's parameters, e.g. ``'backbone.'``.
+
+        Returns:
+            tuple: (layer depth, number of layers): the stem is 0, block j of ``stage{k}`` is
+            ``sum(depths[:k-1]) + j + 1``, ``merge{k}`` is the depth of stage k's last block, and
+            everything else is the last layer.
+        """
+        return _layer_depth(param_name, prefix, self.depths, 'stage1_conv_embed', 'stage')

@@ -1,0 +1,12 @@
+__all__ = []
+from .neighborhood_attention import NeighborhoodAttention2d
+
+__all__ += ['NeighborhoodAttention2d']
+from .cswin_attention import StripeAttention
+from .feature_space_attention import FeatureSpaceLocalAttention
+from .window_attention import ShiftedWindowAttention, WindowMultiheadAttention
+
+__all__ += [
+    'FeatureSpaceLocalAttention', 'ShiftedWindowAttention', 'StripeAttention',
+    'WindowMultiheadAttention'
+]

@@ -1,0 +1,136 @@
+"""Feature-space local attention (FSLA), the module BOAT adds next to image-space attention.
+
+BOAT: Bilateral Local Attention Vision Transformer (Yu et al., BMVC 2022,
+https://arxiv.org/abs/2201.13027). Tokens are grouped by balanced hierarchical clustering of their
+queries (per sample and head, no gradient) and attend inside their cluster plus an overlap with the
+sibling cluster; a depthwise 3x3 conv on the values (``get_v``) adds local image context. Parameter
+names (``qkv``, ``proj``, ``get_v``) are the released ones. See spec feature_space_attention.md.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from mmboat.ops.feature_space_attention import (balanced_hierarchical_clustering,
+                                                clustered_attention)
+
+__all__ = ['FeatureSpaceLocalAttention']
+
+
+class FeatureSpaceLocalAttention(nn.Module):
+    """Feature-space local attention over a token map of any size.
+
+    Args:
+        embed_dims: channels C.
+        num_heads: heads h (C divisible by h).
+        cluster_size: tokens per leaf cluster m. Defaults to 49.
+        overlap: keys/values each leaf borrows from its sibling o. Defaults to 20.
+        iters: centroid refinement iterations per level. Defaults to 2.
+        tau: inverse temperature of the soft assignment. Defaults to 100.
+        qkv_bias: bias in the qkv projection. Defaults to True.
+        qk_scale: logit scale; None means ``(C/h) ** -0.5``. The released BOAT-CSWin weights were
+            trained with 1.0. Defaults to None.
+        attn_drop: dropout on attention weights; the clustered attention kernels have none, so
+            only 0 is accepted (as in every released model). Defaults to 0.
+        proj_drop: dropout after the output projection. Defaults to 0.
+        impl: op implementation (``'auto'``, ``'ext'``, ``'reference'``; None reads
+            ``MMBOAT_OPS_IMPL``). Defaults to None.
+
+    Examples:
+        >>> attn = FeatureSpaceLocalAttention(32, 2, cluster_size=8, overlap=2)
+        >>> attn(torch.rand(2, 5 * 7, 32), (5, 7)).shape
+        torch.Size([2, 35, 32])
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 cluster_size: int = 49,
+                 overlap: int = 20,
+                 iters: int = 2,
+                 tau: float = 100.,
+                 qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 attn_drop: float = 0.,
+                 proj_drop: float = 0.,
+                 impl: Optional[str] = None) -> None:
+        super().__init__()
+        if embed_dims % num_heads != 0:
+            raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads '
+                             f'({num_heads})')
+        if cluster_size < 1:
+            raise ValueError(f'cluster_size must be >= 1, got {cluster_size}')
+        if overlap < 0:
+            raise ValueError(f'overlap must be >= 0, got {overlap}')
+        if iters < 0:
+            raise ValueError(f'iters must be >= 0, got {iters}')
+        if attn_drop != 0:
+            raise ValueError('FeatureSpaceLocalAttention supports only attn_drop=0 (the clustered '
+                             f'attention kernels have no attention dropout), got {attn_drop}')
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.cluster_size = cluster_size
+        self.overlap = overlap
+        self.iters = iters
+        self.tau = float(tau)
+        self.scale = float(qk_scale) if qk_scale is not None else (embed_dims // num_heads)**-0.5
+        self.impl = impl
+        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.get_v = nn.Conv2d(embed_dims, embed_dims, 3, 1, 1, groups=embed_dims)
+
+    def extra_repr(self) -> str:
+        return (f'embed_dims={self.embed_dims}, num_heads={self.num_heads}, '
+                f'cluster_size={self.cluster_size}, overlap={self.overlap}, iters={self.iters}, '
+                f'tau={self.tau}, scale={self.scale:.4g}')
+
+    def cluster(self, query: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Permutation of the tokens into leaf clusters (float32, no grad, autocast off).
+
+        Args:
+            query: ``[B, h, N, d]``.
+
+        Returns:
+            tuple: ``perm`` and ``inv_perm``, ``[B, h, N]`` int64.
+        """
+        with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
+            return balanced_hierarchical_clustering(
+                query.detach().float(), cluster_size=self.cluster_size, iters=self.iters,
+                tau=self.tau, impl=self.impl)
+
+    def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """Args:
+            x: ``[B, H*W, C]`` tokens in raster order.
+            hw_shape: (H, W).
+
+        Returns:
+            torch.Tensor: ``[B, H*W, C]``.
+        """
+        if x.dim() != 3:
+            raise ValueError(f'x must be [B, N, C], got shape {tuple(x.shape)}')
+        B, N, C = x.shape
+        H, W = hw_shape
+        if N != H * W:
+            raise ValueError(f'x has {N} tokens but hw_shape is {H}x{W}')
+        if C != self.embed_dims:
+            raise ValueError(f'expected {self.embed_dims} channels, got {C}')
+        h, d = self.num_heads, C // self.num_heads
+        qkv = self.qkv(x)
+        # One copy to the [3, B, h, N, d] layout the kernels read.
+        q, k, v = qkv.view(B, N, 3, h, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+        perm, _ = self.cluster(q)
+        # Attention in (at least) float32: the compiled kernels take float32/float64, and logits
+        # with the released scale 1.0 overflow float16.
+        attn_dtype = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            out = clustered_attention(q.to(attn_dtype), k.to(attn_dtype), v.to(attn_dtype), perm,
+                                      cluster_size=self.cluster_size, overlap=self.overlap,
+                                      scale=self.scale, impl=self.impl)
+        out = out.to(v.dtype).transpose(1, 2).reshape(B, N, C)
+        # get_v on v as a [B, C, H, W] map; tokens [B, N, C] are that map in channels-last
+        # layout, which is also the fast layout for the depthwise conv.
+        v_map = qkv[..., 2 * C:].reshape(B, H, W, C).permute(0, 3, 1, 2)
+        lepe = self.get_v(v_map.contiguous(memory_format=torch.channels_last))
+        out = out + lepe.permute(0, 2, 3, 1).reshape(B, N, C)
+        return self.proj_drop(self.proj(out))

@@ -1,0 +1,270 @@
+"""Feature-space local attention (FSLA) ops of BOAT.
+
+BOAT: Bilateral Local Attention Vision Transformer (https://arxiv.org/abs/2201.13027).
+Tokens are grouped by a balanced hierarchical clustering of their queries
+(:func:`balanced_hierarchical_clustering`), then attend inside their cluster plus an overlap
+with the sibling cluster (:func:`clustered_attention`). Both run on the compiled ops
+``torch.ops.mmboat.bhc_cluster`` / ``clustered_attention_forward`` /
+``clustered_attention_backward`` when available, else on the pure-PyTorch references in
+:mod:`mmboat.ops.feature_space_attention_reference`; the compiled ops have fake kernels and an
+autograd formula registered here, so they work under ``torch.compile``.
+
+Shapes: ``B`` batch, ``heads``, ``N`` tokens in raster order, ``d`` channels per head.
+"""
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .ext_loader import has_ext, requested_impl, use_ext
+from .feature_space_attention_reference import (balanced_hierarchical_clustering_reference,
+                                                cluster_layout, clustered_attention_reference)
+
+__all__ = [
+    'cluster_layout', 'balanced_hierarchical_clustering', 'clustered_attention',
+    'feature_space_local_attention'
+]
+
+_ATTENTION_DTYPES = (torch.float32, torch.float64)
+
+
+def _compiled_op(name: str):
+    """``torch.ops.mmboat.<name>`` or None when the extension lacks it."""
+    if not has_ext():
+        return None
+    try:
+        return getattr(torch.ops.mmboat, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _has_kernel(name: str, device: torch.device) -> bool:
+    key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device.type)
+    if key is None or _compiled_op(name) is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f'mmboat::{name}', key)
+
+
+def _pick_compiled(impl: Optional[str], what: str, op_name: str, tensor: torch.Tensor,
+                   dtypes: Optional[Sequence[torch.dtype]] = None) -> bool:
+    """Whether this call runs the compiled op (``impl='ext'`` errors when it cannot)."""
+    if not use_ext(impl, what):
+        return False
+    if _has_kernel(op_name, tensor.device) and (dtypes is None or tensor.dtype in dtypes):
+        return True
+    if requested_impl(impl) == 'ext':
+        raise RuntimeError(f'{what}: impl="ext" was requested but the compiled op '
+                           f'mmboat::{op_name} has no kernel for {tensor.device.type} tensors '
+                           f'of dtype {tensor.dtype}')
+    return False
+
+
+def _check_int(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{name} must be an int, got {type(value).__name__}')
+    if value < low:
+        raise ValueError(f'{name} must be >= {low}, got {value}')
+
+
+def _check_features(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f'{name} must be a tensor, got {type(t).__name__}')
+    if t.dim() != 4:
+        raise ValueError(f'{name} must have shape [B, heads, N, d] (4 dimensions), got shape '
+                         f'{tuple(t.shape)}')
+    if not t.is_floating_point():
+        raise TypeError(f'{name} must be a floating-point tensor, got dtype {t.dtype}')
+    if t.shape[2] < 1 or t.shape[3] < 1:
+        raise ValueError(f'{name} must have at least one token and one channel, got shape '
+                         f'{tuple(t.shape)}')
+
+
+def balanced_hierarchical_clustering(x: torch.Tensor,
+                                     cluster_size: int = 49,
+                                     iters: int = 2,
+                                     tau: float = 100.0,
+                                     impl: Optional[str] = None
+                                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Balanced hierarchical clustering of tokens in feature space, per sample and head.
+
+    Runs in float32 without gradient on ``x``'s device; samples and heads are independent. With
+    ``N = m * 2**L`` it is exactly the released BOAT rule; other N split groups by rank into
+    ``floor(n/2)`` and ``ceil(n/2)`` tokens (see :func:`cluster_layout`).
+
+    Args:
+        x (Tensor): ``[B, heads, N, d]`` features (the queries), any float dtype.
+        cluster_size (int): m, the largest leaf size. Defaults to 49.
+        iters (int): soft-assignment centroid updates per split. Defaults to 2.
+        tau (float): inverse temperature of the soft assignment. Defaults to 100.0.
+        impl (str, optional): ``'auto'``, ``'ext'`` or ``'reference'``; None reads
+            ``MMBOAT_OPS_IMPL``. Defaults to None.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``perm`` and ``inv_perm``, ``[B, heads, N]`` int64: ``perm`` is the
+        concatenated leaf order (token indices) and ``inv_perm[perm[t]] = t``.
+
+    Examples:
+        >>> x = torch.randn(2, 3, 100, 16)
+        >>> perm, inv_perm = balanced_hierarchical_clustering(x, cluster_size=49)
+        >>> cluster_layout(100, 49)
+        (2, [25, 25, 25, 25])
+        >>> bool((perm.gather(-1, inv_perm) == torch.arange(100)).all())
+        True
+    """
+    _check_features('x', x)
+    _check_int('cluster_size', cluster_size, 1)
+    _check_int('iters', iters, 0)
+    tau = float(tau)
+    if not math.isfinite(tau):
+        raise ValueError(f'tau must be finite, got {tau}')
+    if _pick_compiled(impl, 'balanced_hierarchical_clustering', 'bhc_cluster', x):
+        return torch.ops.mmboat.bhc_cluster(x.detach().contiguous(), cluster_size, iters, tau)
+    return balanced_hierarchical_clustering_reference(x, cluster_size, iters, tau)
+
+
+def _check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            perm: torch.Tensor, cluster_size: int, overlap: int) -> None:
+    for name, t in (('query', query), ('key', key), ('value', value)):
+        _check_features(name, t)
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError('query, key and value must have the same shape [B, heads, N, d], got '
+                         f'{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}')
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError('query, key and value must have the same dtype, got '
+                        f'{query.dtype}, {key.dtype} and {value.dtype}')
+    if not isinstance(perm, torch.Tensor):
+        raise TypeError(f'perm must be a tensor, got {type(perm).__name__}')
+    for name, t in (('key', key), ('value', value), ('perm', perm)):
+        if t.device != query.device:
+            raise ValueError(f'query and {name} must be on the same device, got '
+                             f'{query.device} and {t.device}')
+    if perm.dtype != torch.int64:
+        raise TypeError(f'perm must be int64, got dtype {perm.dtype}')
+    if tuple(perm.shape) != tuple(query.shape[:3]):
+        raise ValueError(f'perm must have shape [B, heads, N] = {tuple(query.shape[:3])}, got '
+                         f'shape {tuple(perm.shape)}')
+    _check_int('cluster_size', cluster_size, 1)
+    _check_int('overlap', overlap, 0)
+    if overlap >= cluster_size:
+        raise ValueError(f'overlap must be smaller than cluster_size, got overlap={overlap} '
+                         f'and cluster_size={cluster_size}')
+
+
+def clustered_attention(query: torch.Tensor,
+                        key: torch.Tensor,
+                        value: torch.Tensor,
+                        perm: torch.Tensor,
+                        cluster_size: int = 49,
+                        overlap: int = 20,
+                        scale: Optional[float] = None,
+                        impl: Optional[str] = None) -> torch.Tensor:
+    """Attention inside the leaves of a clustering, with sibling overlap on keys and values.
+
+    Leaf ``2j`` also attends to the first ``min(o, |leaf 2j+1|)`` tokens of leaf ``2j+1``; leaf
+    ``2j+1`` to the last ``min(o, |leaf 2j|)`` tokens of leaf ``2j``. Queries are never
+    duplicated. With a single leaf (``N <= m``) this is plain attention. Differentiable w.r.t.
+    query, key and value (not perm).
+
+    Args:
+        query, key, value (Tensor): ``[B, heads, N, d]`` in raster order, same dtype/device.
+        perm (Tensor): ``[B, heads, N]`` int64 leaf order from
+            :func:`balanced_hierarchical_clustering` with the same ``cluster_size``.
+        cluster_size (int): m, the largest leaf size. Defaults to 49.
+        overlap (int): o, ``0 <= o < m``. Defaults to 20.
+        scale (float, optional): logit scale; None means ``d ** -0.5``. Defaults to None.
+        impl (str, optional): ``'auto'``, ``'ext'`` or ``'reference'``. Defaults to None.
+
+    Returns:
+        Tensor: ``[B, heads, N, d]`` in raster order.
+
+    Examples:
+        >>> q, k, v = torch.randn(3, 1, 2, 100, 8).unbind(0)
+        >>> perm, _ = balanced_hierarchical_clustering(q, cluster_size=49)
+        >>> clustered_attention(q, k, v, perm, cluster_size=49, overlap=20).shape
+        torch.Size([1, 2, 100, 8])
+    """
+    _check_attention_inputs(query, key, value, perm, cluster_size, overlap)
+    scale = query.shape[-1]**-0.5 if scale is None else float(scale)
+    if _pick_compiled(impl, 'clustered_attention', 'clustered_attention_forward', query,
+                      _ATTENTION_DTYPES):
+        out, _ = torch.ops.mmboat.clustered_attention_forward(query.contiguous(),
+                                                              key.contiguous(),
+                                                              value.contiguous(),
+                                                              perm.contiguous(), cluster_size,
+                                                              overlap, scale)
+        return out
+    return clustered_attention_reference(query, key, value, perm, cluster_size, overlap, scale)
+
+
+def feature_space_local_attention(query: torch.Tensor,
+                                  key: torch.Tensor,
+                                  value: torch.Tensor,
+                                  cluster_size: int = 49,
+                                  overlap: int = 20,
+                                  iters: int = 2,
+                                  tau: float = 100.0,
+                                  scale: Optional[float] = None,
+                                  impl: Optional[str] = None) -> torch.Tensor:
+    """Cluster the queries, then attend inside the clusters (BOAT FSLA core, no projections).
+
+    Args:
+        query, key, value (Tensor): ``[B, heads, N, d]`` in raster order.
+        cluster_size (int): m. Defaults to 49.
+        overlap (int): o. Defaults to 20.
+        iters (int): clustering centroid updates. Defaults to 2.
+        tau (float): clustering inverse temperature. Defaults to 100.0.
+        scale (float, optional): logit scale; None means ``d ** -0.5``. Defaults to None.
+        impl (str, optional): ``'auto'``, ``'ext'`` or ``'reference'``. Defaults to None.
+
+    Returns:
+        Tensor: ``[B, heads, N, d]`` in raster order.
+    """
+    perm, _ = balanced_hierarchical_clustering(query, cluster_size, iters, tau, impl=impl)
+    return clustered_attention(query, key, value, perm, cluster_size, overlap, scale, impl=impl)
+
+
+# --- fake kernels and autograd of the compiled ops (torch.compile / opcheck) ---------------
+
+
+def _register_compiled_ops() -> None:
+    if _compiled_op('bhc_cluster') is not None:
+
+        @torch.library.register_fake('mmboat::bhc_cluster')
+        def _bhc_cluster_fake(x, cluster_size, iters, tau):
+            shape = x.shape[:3]
+            return (x.new_empty(shape, dtype=torch.int64), x.new_empty(shape,
+                                                                       dtype=torch.int64))
+
+    if _compiled_op('clustered_attention_forward') is None or _compiled_op(
+            'clustered_attention_backward') is None:
+        return
+
+    @torch.library.register_fake('mmboat::clustered_attention_forward')
+    def _forward_fake(query, key, value, perm, cluster_size, overlap, scale):
+        return torch.empty_like(query), query.new_empty(query.shape[:3])
+
+    @torch.library.register_fake('mmboat::clustered_attention_backward')
+    def _backward_fake(grad_out, query, key, value, perm, out, logsumexp, cluster_size,
+                       overlap, scale):
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+    def _setup_context(ctx, inputs, output):
+        query, key, value, perm, cluster_size, overlap, scale = inputs
+        out, logsumexp = output
+        ctx.save_for_backward(query, key, value, perm, out, logsumexp)
+        ctx.config = (cluster_size, overlap, scale)
+
+    def _backward(ctx, grad_out, grad_logsumexp):
+        # The log-sum-exp is an internal by-product: its gradient is not propagated.
+        query, key, value, perm, out, logsumexp = ctx.saved_tensors
+        cluster_size, overlap, scale = ctx.config
+        grad_q, grad_k, grad_v = torch.ops.mmboat.clustered_attention_backward(
+            grad_out.contiguous(), query, key, value, perm, out, logsumexp, cluster_size,
+            overlap, scale)
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+    torch.library.register_autograd(
+        'mmboat::clustered_attention_forward', _backward, setup_context=_setup_context)
+
+
+_register_compiled_ops()

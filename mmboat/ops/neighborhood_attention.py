@@ -1,0 +1,428 @@
+"""Neighborhood attention (NA, NAT/DiNAT): 1-D/2-D/3-D fused ops and the 2-D unfused pair.
+
+The compiled kernels are ``torch.ops.mmboat.na{1,2,3}d_forward/_backward`` and
+``torch.ops.mmboat.na2d_qk/_av`` (+ backwards), schemas in
+``csrc/pytorch/neighborhood_attention.cpp``. This module validates arguments, registers fake
+(meta) kernels and autograd for those ops (so ``torch.compile(fullgraph=True)`` traces through
+them) and falls back to the pure-PyTorch references of
+:mod:`mmboat.ops.neighborhood_attention_reference` when the compiled op is missing for the
+input's device, or when ``impl='reference'``.
+
+Semantics (``spec/neighborhood_attention.md``): per axis, the window of ``k`` keys lies in the
+query's dilation group and is shifted inwards at the borders; ``L >= k * d`` is required; the
+relative positional bias (rpb) index is ``(key' - query') + (k - 1)`` and the bias is added
+after scaling. Even kernels (``r`` keys left, ``r - 1`` right) are allowed without rpb only;
+causal windows are allowed without rpb only.
+"""
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .ext_loader import has_ext, requested_impl, use_ext
+from .neighborhood_attention_reference import (na2d_av_reference, na2d_qk_reference,
+                                               nand_reference)
+
+__all__ = ['na1d', 'na2d', 'na3d', 'na2d_qk', 'na2d_av', 'neighborhood_attention_op_available']
+
+IntOrTuple = Union[int, Sequence[int]]
+BoolOrTuple = Union[bool, Sequence[bool]]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_warned_missing_op = set()
+_REGISTERED: List[str] = []  # op families with fake + autograd registered
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability of the compiled ops.
+# ---------------------------------------------------------------------------------------------
+_OP_NAMES = tuple(f'na{n}d_{kind}' for n in (1, 2, 3) for kind in ('forward', 'backward')) + (
+    'na2d_qk', 'na2d_qk_backward', 'na2d_av', 'na2d_av_backward')
+_KERNELS: Dict[Tuple[str, str], bool] = {}  # (op name, device type) -> kernel registered
+
+
+def _scan_kernels() -> None:
+    """Record once which compiled ops have CPU/CUDA kernels (a plain dict lookup later keeps
+    the dispatch decision traceable by torch.compile)."""
+    for name in _OP_NAMES:
+        family = 'na2d_qk/av' if name.startswith(('na2d_qk', 'na2d_av')) else name[:4]
+        for device_type, key in (('cpu', 'CPU'), ('cuda', 'CUDA')):
+            _KERNELS[(name, device_type)] = (
+                family in _REGISTERED
+                and torch._C._dispatch_has_kernel_for_dispatch_key(f'mmboat::{name}', key))
+
+
+def _op_has_kernel(name: str, device: torch.device) -> bool:
+    return _KERNELS.get((name, device.type), False)
+
+
+def neighborhood_attention_op_available(name: str = 'na2d_forward',
+                                        device: Union[str, torch.device] = 'cpu') -> bool:
+    """Whether the compiled op ``torch.ops.mmboat.<name>`` has a kernel for ``device``."""
+    return _op_has_kernel(name, torch.device(device))
+
+
+def _use_compiled(impl: Optional[str], name: str, what: str, device: torch.device) -> bool:
+    if not use_ext(impl, what):
+        return False
+    if _op_has_kernel(name, device):
+        return True
+    msg = (f'{what}: mmboat._ext has no {device.type.upper()} kernel for mmboat::{name}; ')
+    if requested_impl(impl) == 'ext':
+        raise RuntimeError(msg + 'rebuild mmboat._ext with it or use impl="reference"')
+    if (name, device.type) not in _warned_missing_op:
+        _warned_missing_op.add((name, device.type))
+        warnings.warn(msg + 'falling back to the pure-PyTorch reference (slower).',
+                      RuntimeWarning, stacklevel=3)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument validation (mirrored in C++ for direct torch.ops callers).
+# ---------------------------------------------------------------------------------------------
+def _per_axis(value, n: int, name: str, kind: type) -> Tuple:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            article = 'an' if kind is int else 'a'
+            raise ValueError(f'{name} must be {article} {kind.__name__} or {n} values (one per '
+                             f'spatial axis), got {tuple(value)}')
+        values = tuple(value)
+    else:
+        values = (value, ) * n
+    for v in values:
+        ok = isinstance(v, bool) if kind is bool else (isinstance(v, int) and
+                                                      not isinstance(v, bool))
+        if not ok:
+            raise TypeError(f'{name} must hold {kind.__name__} values, got {value!r}')
+    return values
+
+
+def _check_tensor(t, name: str, what: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f'{what}: {name} must be a Tensor, got {type(t).__name__}')
+
+
+def _check_config(what: str, n: int, spatial: Sequence[int], has_rpb: bool, kernel_size,
+                  dilation, is_causal) -> Tuple[Tuple[int, ...], Tuple[int, ...],
+                                                Tuple[bool, ...]]:
+    ks = _per_axis(kernel_size, n, 'kernel_size', int)
+    ds = _per_axis(dilation, n, 'dilation', int)
+    cs = _per_axis(is_causal, n, 'is_causal', bool)
+    for axis in range(n):
+        k, d, length = ks[axis], ds[axis], spatial[axis]
+        if k < 1:
+            raise ValueError(f'{what}: kernel_size must be >= 1, got {ks}')
+        if d < 1:
+            raise ValueError(f'{what}: dilation must be >= 1, got {ds}')
+        if length < k * d:
+            raise ValueError(
+                f'{what}: spatial axis {axis} has size {length}, smaller than kernel_size * '
+                f'dilation = {k} * {d} = {k * d}; pad the input (the NA layer pads to k * d)')
+        if has_rpb and k % 2 == 0:
+            raise ValueError(f'{what}: an even kernel_size {ks} is only supported without rpb')
+    if has_rpb and any(cs):
+        raise ValueError(f'{what}: is_causal={cs} cannot be combined with rpb')
+    return ks, ds, cs
+
+
+def _check_rpb(what: str, rpb: Optional[Tensor], heads: int, ks: Sequence[int],
+               ref: Tensor) -> None:
+    if rpb is None:
+        return
+    _check_tensor(rpb, 'rpb', what)
+    expected = (heads, ) + tuple(2 * k - 1 for k in ks)
+    if tuple(rpb.shape) != expected:
+        raise ValueError(f'{what}: rpb must have shape (heads, 2k-1 per axis) = {expected}, '
+                         f'got {tuple(rpb.shape)}')
+    if rpb.dtype != ref.dtype:
+        raise TypeError(f'{what}: rpb dtype {rpb.dtype} differs from query dtype {ref.dtype}')
+    if rpb.device != ref.device:
+        raise ValueError(f'{what}: rpb is on {rpb.device}, query on {ref.device}')
+
+
+def _check_qkv(what: str, n: int, tensors: Sequence[Tuple[str, Tensor]]) -> None:
+    name0, t0 = tensors[0]
+    for name, t in tensors:
+        _check_tensor(t, name, what)
+        if t.dim() != n + 3:
+            raise ValueError(f'{what}: {name} must be [B, heads, {n} spatial dims, head_dim] '
+                             f'({n + 3} dims), got shape {tuple(t.shape)}')
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f'{what}: {name} must be a floating tensor '
+                            f'({", ".join(str(d) for d in _FLOAT_DTYPES)}), got {t.dtype}')
+        if t.dtype != t0.dtype:
+            raise TypeError(f'{what}: {name0} and {name} dtypes differ: {t0.dtype} vs {t.dtype}')
+        if t.device != t0.device:
+            raise ValueError(f'{what}: {name0} is on {t0.device}, {name} on {t.device}')
+        if t.shape[-1] == 0:
+            raise ValueError(f'{what}: {name} has head_dim 0, shape {tuple(t.shape)}')
+
+
+def _check_same_shape(what: str, a: Tuple[str, Tensor], b: Tuple[str, Tensor]) -> None:
+    if a[1].shape != b[1].shape:
+        raise ValueError(f'{what}: {a[0]} and {b[0]} shapes differ: {tuple(a[1].shape)} vs '
+                         f'{tuple(b[1].shape)}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused op.
+# ---------------------------------------------------------------------------------------------
+def _nand(n: int, query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor],
+          kernel_size, dilation, is_causal, scale: Optional[float], impl: Optional[str]) -> Tensor:
+    what = f'na{n}d'
+    _check_qkv(what, n, [('query', query), ('key', key), ('value', value)])
+    _check_same_shape(what, ('query', query), ('key', key))
+    _check_same_shape(what, ('query', query), ('value', value))
+    spatial = tuple(query.shape[2:-1])
+    ks, ds, cs = _check_config(what, n, spatial, rpb is not None, kernel_size, dilation,
+                               is_causal)
+    _check_rpb(what, rpb, query.shape[1], ks, query)
+    if scale is None:
+        scale = query.shape[-1]**-0.5
+    scale = float(scale)
+    if not _use_compiled(impl, f'na{n}d_forward', what, query.device):
+        return nand_reference(query, key, value, rpb, ks, ds, cs, scale)
+    op = getattr(torch.ops.mmboat, f'na{n}d_forward')
+    out, _ = op(query.contiguous(), key.contiguous(), value.contiguous(),
+                None if rpb is None else rpb.contiguous(), list(ks), list(ds), list(cs), scale)
+    return out
+
+
+def na1d(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor] = None,
+         kernel_size: IntOrTuple = 7, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+         scale: Optional[float] = None, impl: Optional[str] = None) -> Tensor:
+    """1-D neighborhood attention.
+
+    Args:
+        query (Tensor): ``[B, heads, L, D]``.
+        key (Tensor): ``[B, heads, L, D]``.
+        value (Tensor): ``[B, heads, L, D]``.
+        rpb (Tensor, optional): ``[heads, 2k-1]``. Defaults to None.
+        kernel_size, dilation, is_causal, scale, impl: See :func:`na2d`.
+
+    Returns:
+        Tensor: ``[B, heads, L, D]``.
+    """
+    return _nand(1, query, key, value, rpb, kernel_size, dilation, is_causal, scale, impl)
+
+
+def na2d(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor] = None,
+         kernel_size: IntOrTuple = 7, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+         scale: Optional[float] = None, impl: Optional[str] = None) -> Tensor:
+    """2-D neighborhood attention (fused: logits, softmax and weighted sum in one op).
+
+    Args:
+        query (Tensor): ``[B, heads, H, W, D]``.
+        key (Tensor): ``[B, heads, H, W, D]``.
+        value (Tensor): ``[B, heads, H, W, D]``.
+        rpb (Tensor, optional): ``[heads, 2kH-1, 2kW-1]`` relative positional bias, added to
+            the logits after scaling. Defaults to None.
+        kernel_size (int | tuple[int, int]): Window size per axis. Defaults to 7.
+        dilation (int | tuple[int, int]): Dilation per axis. Defaults to 1.
+        is_causal (bool | tuple[bool, bool]): Causal window per axis. Defaults to False.
+        scale (float, optional): Logit scale. Defaults to ``D ** -0.5``.
+        impl (str, optional): ``'auto'``, ``'ext'`` or ``'reference'``. Defaults to the
+            ``MMBOAT_OPS_IMPL`` environment variable, else ``'auto'``.
+
+    Returns:
+        Tensor: ``[B, heads, H, W, D]``.
+
+    Examples:
+        >>> q = k = v = torch.randn(1, 2, 9, 9, 16)
+        >>> na2d(q, k, v, kernel_size=3, dilation=2).shape
+        torch.Size([1, 2, 9, 9, 16])
+    """
+    return _nand(2, query, key, value, rpb, kernel_size, dilation, is_causal, scale, impl)
+
+
+def na3d(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor] = None,
+         kernel_size: IntOrTuple = 7, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+         scale: Optional[float] = None, impl: Optional[str] = None) -> Tensor:
+    """3-D neighborhood attention.
+
+    Args:
+        query (Tensor): ``[B, heads, T, H, W, D]``.
+        key (Tensor): ``[B, heads, T, H, W, D]``.
+        value (Tensor): ``[B, heads, T, H, W, D]``.
+        rpb (Tensor, optional): ``[heads, 2kT-1, 2kH-1, 2kW-1]``. Defaults to None.
+        kernel_size, dilation, is_causal, scale, impl: See :func:`na2d`.
+
+    Returns:
+        Tensor: ``[B, heads, T, H, W, D]``.
+    """
+    return _nand(3, query, key, value, rpb, kernel_size, dilation, is_causal, scale, impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unfused 2-D ops.
+# ---------------------------------------------------------------------------------------------
+def na2d_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor] = None,
+            kernel_size: IntOrTuple = 7, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False, impl: Optional[str] = None) -> Tensor:
+    """Unfused 2-D NA logits ``query . key + rpb`` (the caller scales ``query``).
+
+    Args:
+        query (Tensor): ``[B, heads, H, W, D]``.
+        key (Tensor): ``[B, heads, H, W, D]``.
+        rpb (Tensor, optional): ``[heads, 2kH-1, 2kW-1]``. Defaults to None.
+        kernel_size, dilation, is_causal, impl: See :func:`na2d`.
+
+    Returns:
+        Tensor: ``[B, heads, H, W, kH*kW]`` logits, slot ``ki*kW + kj``; unused causal slots
+        are ``-inf`` (valid keys first).
+    """
+    what = 'na2d_qk'
+    _check_qkv(what, 2, [('query', query), ('key', key)])
+    _check_same_shape(what, ('query', query), ('key', key))
+    ks, ds, cs = _check_config(what, 2, tuple(query.shape[2:4]), rpb is not None, kernel_size,
+                               dilation, is_causal)
+    _check_rpb(what, rpb, query.shape[1], ks, query)
+    if not _use_compiled(impl, 'na2d_qk', what, query.device):
+        return na2d_qk_reference(query, key, rpb, ks, ds, cs)
+    return torch.ops.mmboat.na2d_qk(query.contiguous(), key.contiguous(),
+                                    None if rpb is None else rpb.contiguous(), list(ks),
+                                    list(ds), list(cs))
+
+
+def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple = 7,
+            dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+            impl: Optional[str] = None) -> Tensor:
+    """Unfused 2-D NA weighted sum ``sum_slot attn * value``.
+
+    Args:
+        attn (Tensor): ``[B, heads, H, W, kH*kW]`` attention weights (unused causal slots are
+            ignored).
+        value (Tensor): ``[B, heads, H, W, D]``.
+        kernel_size, dilation, is_causal, impl: See :func:`na2d`.
+
+    Returns:
+        Tensor: ``[B, heads, H, W, D]``.
+    """
+    what = 'na2d_av'
+    _check_qkv(what, 2, [('value', value)])
+    _check_tensor(attn, 'attn', what)
+    ks, ds, cs = _check_config(what, 2, tuple(value.shape[2:4]), False, kernel_size, dilation,
+                               is_causal)
+    expected = tuple(value.shape[:4]) + (ks[0] * ks[1], )
+    if tuple(attn.shape) != expected:
+        raise ValueError(f'{what}: attn must have shape [B, heads, H, W, kH*kW] = {expected}, '
+                         f'got {tuple(attn.shape)}')
+    if attn.dtype != value.dtype:
+        raise TypeError(f'{what}: attn and value dtypes differ: {attn.dtype} vs {value.dtype}')
+    if attn.device != value.device:
+        raise ValueError(f'{what}: attn is on {attn.device}, value on {value.device}')
+    if not _use_compiled(impl, 'na2d_av', what, value.device):
+        return na2d_av_reference(attn, value, ks, ds, cs)
+    return torch.ops.mmboat.na2d_av(attn.contiguous(), value.contiguous(), list(ks), list(ds),
+                                    list(cs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels and autograd of the compiled ops (registered once, when the ops exist).
+# ---------------------------------------------------------------------------------------------
+def _register_fused(n: int) -> None:
+    fwd_name, bwd_name = f'mmboat::na{n}d_forward', f'mmboat::na{n}d_backward'
+
+    @torch.library.register_fake(fwd_name)
+    def _fwd_fake(query, key, value, rpb, kernel_size, dilation, is_causal, scale):
+        return (torch.empty_like(query),
+                query.new_empty(query.shape[:-1], dtype=torch.float32))
+
+    @torch.library.register_fake(bwd_name)
+    def _bwd_fake(grad_out, query, key, value, rpb, out, logsumexp, kernel_size, dilation,
+                  is_causal, scale):
+        grad_rpb = None if rpb is None else torch.empty_like(rpb)
+        return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
+                grad_rpb)
+
+    def _setup(ctx, inputs, output):
+        query, key, value, rpb, kernel_size, dilation, is_causal, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(query, key, value, rpb, out, lse)
+        ctx.config = (kernel_size, dilation, is_causal, scale)
+
+    def _backward(ctx, grad_out, grad_lse):
+        query, key, value, rpb, out, lse = ctx.saved_tensors
+        kernel_size, dilation, is_causal, scale = ctx.config
+        op = getattr(torch.ops.mmboat, f'na{n}d_backward')
+        dq, dk, dv, drpb = op(grad_out.contiguous(), query, key, value, rpb, out, lse,
+                              kernel_size, dilation, is_causal, scale)
+        return dq, dk, dv, drpb, None, None, None, None
+
+    torch.library.register_autograd(fwd_name, _backward, setup_context=_setup)
+
+
+def _register_unfused() -> None:
+
+    @torch.library.register_fake('mmboat::na2d_qk')
+    def _qk_fake(query, key, rpb, kernel_size, dilation, is_causal):
+        return query.new_empty(tuple(query.shape[:-1]) + (kernel_size[0] * kernel_size[1], ))
+
+    @torch.library.register_fake('mmboat::na2d_qk_backward')
+    def _qk_bwd_fake(grad_attn, query, key, has_rpb, kernel_size, dilation, is_causal):
+        grad_rpb = None
+        if has_rpb:
+            grad_rpb = query.new_empty((query.shape[1], 2 * kernel_size[0] - 1,
+                                        2 * kernel_size[1] - 1))
+        return torch.empty_like(query), torch.empty_like(key), grad_rpb
+
+    @torch.library.register_fake('mmboat::na2d_av')
+    def _av_fake(attn, value, kernel_size, dilation, is_causal):
+        return torch.empty_like(value)
+
+    @torch.library.register_fake('mmboat::na2d_av_backward')
+    def _av_bwd_fake(grad_out, attn, value, kernel_size, dilation, is_causal):
+        return torch.empty_like(attn), torch.empty_like(value)
+
+    def _qk_setup(ctx, inputs, output):
+        query, key, rpb, kernel_size, dilation, is_causal = inputs
+        ctx.save_for_backward(query, key)
+        ctx.has_rpb = rpb is not None
+        ctx.config = (kernel_size, dilation, is_causal)
+
+    def _qk_backward(ctx, grad_attn):
+        query, key = ctx.saved_tensors
+        dq, dk, drpb = torch.ops.mmboat.na2d_qk_backward(grad_attn.contiguous(), query, key,
+                                                         ctx.has_rpb, *ctx.config)
+        return dq, dk, drpb, None, None, None
+
+    def _av_setup(ctx, inputs, output):
+        attn, value, kernel_size, dilation, is_causal = inputs
+        ctx.save_for_backward(attn, value)
+        ctx.config = (kernel_size, dilation, is_causal)
+
+    def _av_backward(ctx, grad_out):
+        attn, value = ctx.saved_tensors
+        da, dv = torch.ops.mmboat.na2d_av_backward(grad_out.contiguous(), attn, value,
+                                                   *ctx.config)
+        return da, dv, None, None, None
+
+    torch.library.register_autograd('mmboat::na2d_qk', _qk_backward, setup_context=_qk_setup)
+    torch.library.register_autograd('mmboat::na2d_av', _av_backward, setup_context=_av_setup)
+
+
+def _register_all() -> List[str]:
+    registered = []
+    if not has_ext():
+        return registered
+    for n in (1, 2, 3):
+        if hasattr(torch.ops.mmboat, f'na{n}d_forward') and hasattr(torch.ops.mmboat,
+                                                                    f'na{n}d_backward'):
+            _register_fused(n)
+            registered.append(f'na{n}d')
+    names = ('na2d_qk', 'na2d_qk_backward', 'na2d_av', 'na2d_av_backward')
+    if all(hasattr(torch.ops.mmboat, name) for name in names):
+        _register_unfused()
+        registered.append('na2d_qk/av')
+    return registered
+
+
+try:
+    _REGISTERED.extend(_register_all())
+    _scan_kernels()
+except Exception as exc:  # never fail at import; the reference path still works
+    _REGISTERED.clear()
+    _KERNELS.clear()
+    warnings.warn(f'mmboat: registering the neighborhood-attention ops failed ({exc}); '
+                  'they run on the pure-PyTorch reference', RuntimeWarning)

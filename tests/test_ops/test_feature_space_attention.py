@@ -1,0 +1,393 @@
+"""Tests of the FSLA ops: balanced hierarchical clustering and clustered attention.
+
+The released BOAT rule is re-written here as a literal per-group loop (spec
+feature_space_attention.md section 2, step by step) and clustered attention as a literal
+per-leaf loop; the vectorised reference and the compiled ops are compared against them.
+"""
+import math
+from typing import List
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmboat.ops import (balanced_hierarchical_clustering, cluster_layout, clustered_attention,
+                        feature_space_local_attention)
+from mmboat.ops.feature_space_attention import _has_kernel
+
+HAS_CLUSTER_OP = _has_kernel('bhc_cluster', torch.device('cpu'))
+HAS_ATTENTION_OP = _has_kernel('clustered_attention_forward', torch.device('cpu'))
+needs_cluster_op = pytest.mark.skipif(not HAS_CLUSTER_OP, reason='mmboat::bhc_cluster not built')
+needs_attention_op = pytest.mark.skipif(
+    not HAS_ATTENTION_OP, reason='mmboat::clustered_attention_forward not built')
+
+CLUSTER_IMPLS = ['reference'] + (['ext'] if HAS_CLUSTER_OP else [])
+ATTENTION_IMPLS = ['reference'] + (['ext'] if HAS_ATTENTION_OP else [])
+
+
+# --- literal re-statements of the spec ------------------------------------------------------
+
+
+def literal_clustering(q: torch.Tensor, m: int, iters: int, tau: float) -> torch.Tensor:
+    """Spec section 2 step 2 for one sample and head, one group at a time: ``q [N, d]``."""
+    q = q.float()
+    n_tokens = q.shape[0]
+    levels = 0
+    while m * 2**levels < n_tokens:
+        levels += 1
+    groups: List[torch.Tensor] = [torch.arange(n_tokens)]
+    for _ in range(levels):
+        children = []
+        for group in groups:
+            n = len(group)
+            half = n // 2
+            xs = q[group]
+            xn = F.normalize(xs, dim=-1)
+            parts = [xs[:half], xs[half:]]
+            c = torch.stack([p.mean(0) if len(p) else torch.zeros_like(xs[0]) for p in parts])
+            c = F.normalize(c, dim=-1)
+            for _ in range(iters):
+                a = torch.softmax(tau * (xn @ c.T), dim=-1)
+                c = F.normalize(a.T @ xs, dim=-1)
+            cos = xn @ c.T
+            r = (1 + cos[:, 0]) / (1 + cos[:, 1])
+            ordered = group[torch.sort(r, stable=True).indices]
+            children += [ordered[:half], ordered[half:]]
+        groups = children
+    return torch.cat(groups)
+
+
+def literal_attention(q, k, v, perm, m, o, scale):
+    """Spec steps 3-6 for one sample and head (``[N, d]``), one leaf at a time."""
+    n_tokens = q.shape[0]
+    levels, sizes = cluster_layout(n_tokens, m)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    leaves = [perm[s:s + n] for s, n in zip(offsets, sizes)]
+    out = torch.zeros_like(v)
+    for i, leaf in enumerate(leaves):
+        keys = leaf
+        if levels > 0:
+            sib = leaves[i ^ 1]
+            take = min(o, len(sib))
+            extra = sib[:take] if i % 2 == 0 else sib[len(sib) - take:]
+            keys = torch.cat([leaf, extra])
+        attn = torch.softmax(q[leaf] @ k[keys].T * scale, dim=-1)
+        out[leaf] = attn @ v[keys]
+    return out
+
+
+def literal_fsla(q, k, v, m, o, scale):
+    out = torch.empty_like(v)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            perm = literal_clustering(q[b, h], m, 2, 100.0)
+            out[b, h] = literal_attention(q[b, h], k[b, h], v[b, h], perm, m, o, scale)
+    return out
+
+
+def qkv(shape, dtype=torch.float32, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(shape, generator=gen, dtype=dtype).requires_grad_(requires_grad)
+        for _ in range(3)
+    ]
+
+
+# --- layout ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('n,m,levels,sizes', [
+    (49, 49, 0, [49]),
+    (10, 49, 0, [10]),
+    (98, 49, 1, [49, 49]),
+    (50, 49, 1, [25, 25]),
+    (3136, 49, 6, [49] * 64),
+    (101, 49, 2, [25, 25, 25, 26]),
+    (7, 2, 2, [1, 2, 2, 2]),
+])
+def test_cluster_layout(n, m, levels, sizes):
+    assert cluster_layout(n, m) == (levels, sizes)
+
+
+@pytest.mark.parametrize('n', [1, 2, 5, 48, 49, 50, 97, 211, 784, 1000])
+@pytest.mark.parametrize('m', [1, 3, 49])
+def test_cluster_layout_balanced(n, m):
+    levels, sizes = cluster_layout(n, m)
+    assert levels == max(0, math.ceil(math.log2(n / m) - 1e-12))
+    assert len(sizes) == 2**levels and sum(sizes) == n
+    assert max(sizes) <= m or levels == 0 and n <= m
+    assert set(sizes) <= {n // 2**levels, -(-n // 2**levels)}
+
+
+def test_cluster_layout_errors():
+    with pytest.raises(ValueError, match='num_tokens'):
+        cluster_layout(0, 49)
+    with pytest.raises(ValueError, match='cluster_size'):
+        cluster_layout(10, 0)
+
+
+# --- clustering --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('impl', CLUSTER_IMPLS)
+@pytest.mark.parametrize('levels', [0, 1, 2, 3])
+def test_clustering_reproduces_released_rule(impl, levels):
+    """N = 49 * 2^L (maps 7*2^j x 7*2^j and their halves): exact released splits."""
+    n = 49 * 2**levels
+    x = torch.randn(2, 2, n, 8, generator=torch.Generator().manual_seed(levels))
+    perm, _ = balanced_hierarchical_clustering(x, 49, 2, 100.0, impl=impl)
+    for b in range(2):
+        for h in range(2):
+            assert torch.equal(perm[b, h], literal_clustering(x[b, h], 49, 2, 100.0))
+
+
+@pytest.mark.parametrize('impl', CLUSTER_IMPLS)
+@pytest.mark.parametrize('n,m,iters,tau', [(1, 4, 2, 100.0), (13, 4, 2, 100.0),
+                                           (37, 5, 1, 10.0), (64, 7, 0, 100.0),
+                                           (97, 16, 3, 100.0)])
+def test_clustering_general_n_matches_literal(impl, n, m, iters, tau):
+    x = torch.randn(1, 3, n, 6, generator=torch.Generator().manual_seed(n))
+    perm, inv = balanced_hierarchical_clustering(x, m, iters, tau, impl=impl)
+    for h in range(3):
+        assert torch.equal(perm[0, h], literal_clustering(x[0, h], m, iters, tau))
+
+
+@pytest.mark.parametrize('impl', CLUSTER_IMPLS)
+@pytest.mark.parametrize('n', [1, 2, 31, 49, 50, 101, 257])
+def test_clustering_is_permutation(impl, n):
+    x = torch.randn(2, 2, n, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    perm, inv = balanced_hierarchical_clustering(x, 16, impl=impl)
+    assert perm.dtype == torch.int64 and inv.dtype == torch.int64
+    assert perm.shape == inv.shape == (2, 2, n)
+    ar = torch.arange(n).expand(2, 2, n)
+    assert torch.equal(perm.sort(-1).values, ar)
+    assert torch.equal(perm.gather(-1, inv), ar)
+    assert torch.equal(inv.gather(-1, perm), ar)
+
+
+@pytest.mark.parametrize('impl', CLUSTER_IMPLS)
+def test_clustering_batch_independent(impl):
+    x = torch.randn(3, 2, 98, 8, generator=torch.Generator().manual_seed(2))
+    perm, _ = balanced_hierarchical_clustering(x, 49, impl=impl)
+    y = x.clone()
+    y[1] = torch.randn(2, 98, 8)
+    perm_y, _ = balanced_hierarchical_clustering(y, 49, impl=impl)
+    assert torch.equal(perm[0], perm_y[0]) and torch.equal(perm[2], perm_y[2])
+    single, _ = balanced_hierarchical_clustering(x[2:], 49, impl=impl)
+    assert torch.equal(single[0], perm[2])
+
+
+@pytest.mark.parametrize('impl', CLUSTER_IMPLS)
+def test_clustering_ignores_grad_and_dtype(impl):
+    x = torch.randn(1, 2, 60, 4, dtype=torch.float64, requires_grad=True)
+    perm, _ = balanced_hierarchical_clustering(x, 8, impl=impl)
+    assert not perm.requires_grad
+    perm32, _ = balanced_hierarchical_clustering(x.detach().float(), 8, impl=impl)
+    assert torch.equal(perm, perm32)  # computed in float32 whatever the input dtype
+
+
+@needs_cluster_op
+@pytest.mark.parametrize('shape,m', [((1, 1, 5, 3), 49), ((2, 3, 97, 8), 7), ((3, 1, 199, 4), 3),
+                                     ((1, 2, 211, 16), 49), ((2, 2, 64, 8), 1)])
+def test_clustering_compiled_matches_reference(shape, m):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[2]))
+    ref = balanced_hierarchical_clustering(x, m, impl='reference')
+    ext = balanced_hierarchical_clustering(x, m, impl='ext')
+    assert torch.equal(ref[0], ext[0]) and torch.equal(ref[1], ext[1])
+
+
+# --- clustered attention -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('impl', ATTENTION_IMPLS)
+@pytest.mark.parametrize('n,m,o', [(7, 49, 20), (49, 49, 20), (98, 49, 20), (101, 49, 20),
+                                   (50, 49, 30), (37, 5, 4), (13, 4, 0), (23, 2, 1)])
+def test_attention_matches_literal_float64(impl, n, m, o):
+    q, k, v = qkv((2, 2, n, 6), torch.float64, seed=n)
+    perm, _ = balanced_hierarchical_clustering(q, m)
+    out = clustered_attention(q, k, v, perm, m, o, impl=impl)
+    for b in range(2):
+        for h in range(2):
+            exp = literal_attention(q[b, h], k[b, h], v[b, h], perm[b, h], m, o, 6**-0.5)
+            torch.testing.assert_close(out[b, h], exp, rtol=1e-12, atol=1e-12)
+
+
+@needs_attention_op
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize('shape,m,o', [((1, 1, 3, 4), 49, 20), ((2, 3, 97, 8), 7, 3),
+                                       ((3, 1, 199, 16), 16, 15), ((1, 2, 211, 32), 49, 20)])
+def test_attention_compiled_matches_reference(dtype, tol, shape, m, o):
+    q, k, v = qkv(shape, dtype, seed=shape[2])
+    perm, _ = balanced_hierarchical_clustering(q, m)
+    ref, ref_lse = clustered_attention_reference_with_lse(q, k, v, perm, m, o, 0.3)
+    out, lse = torch.ops.mmboat.clustered_attention_forward(q, k, v, perm, m, o, 0.3)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, ref_lse, rtol=tol, atol=tol)
+
+
+def clustered_attention_reference_with_lse(q, k, v, perm, m, o, scale):
+    from mmboat.ops import clustered_attention_reference
+    return clustered_attention_reference(q, k, v, perm, m, o, scale, return_lse=True)
+
+
+@pytest.mark.parametrize('impl', ATTENTION_IMPLS)
+@pytest.mark.parametrize('n,m,o', [(9, 4, 2), (16, 4, 3), (11, 16, 5)])
+def test_attention_gradcheck(impl, n, m, o):
+    q, k, v = qkv((2, 1, n, 3), torch.float64, seed=3, requires_grad=True)
+    perm, _ = balanced_hierarchical_clustering(q, m)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: clustered_attention(a, b, c, perm, m, o, impl=impl), (q, k, v),
+        fast_mode=True)
+
+
+@needs_attention_op
+def test_attention_compiled_grad_matches_reference():
+    q, k, v = qkv((2, 3, 101, 8), torch.float64, seed=5, requires_grad=True)
+    perm, _ = balanced_hierarchical_clustering(q, 16)
+    grad = torch.randn(2, 3, 101, 8, dtype=torch.float64)
+    grads = []
+    for impl in ('reference', 'ext'):
+        out = clustered_attention(q, k, v, perm, 16, 6, impl=impl)
+        grads.append(torch.autograd.grad(out, (q, k, v), grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@needs_attention_op
+def test_opcheck_attention():
+    q, k, v = qkv((2, 2, 37, 4), torch.float32, seed=7, requires_grad=True)
+    perm, _ = balanced_hierarchical_clustering(q, 8)
+    torch.library.opcheck(torch.ops.mmboat.clustered_attention_forward,
+                          (q, k, v, perm, 8, 3, 0.5))
+
+
+@needs_cluster_op
+def test_opcheck_clustering():
+    x = torch.randn(2, 2, 37, 4)
+    torch.library.opcheck(torch.ops.mmboat.bhc_cluster, (x, 8, 2, 100.0),
+                          test_utils=('test_schema', 'test_faketensor', 'test_aot_dispatch_dynamic'))
+
+
+@pytest.mark.parametrize('impl', ATTENTION_IMPLS)
+@pytest.mark.parametrize('n', [1, 20, 49])
+def test_single_leaf_is_plain_attention(impl, n):
+    q, k, v = qkv((2, 3, n, 8), torch.float64, seed=n)
+    perm, _ = balanced_hierarchical_clustering(q, 49)
+    assert torch.equal(perm, torch.arange(n).expand(2, 3, n))
+    out = feature_space_local_attention(q, k, v, 49, 20, impl=impl)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize('impl', ATTENTION_IMPLS)
+def test_full_fsla_matches_literal(impl):
+    q, k, v = qkv((2, 3, 196, 8), torch.float64, seed=11)
+    out = feature_space_local_attention(q, k, v, 49, 20, impl=impl)
+    torch.testing.assert_close(out, literal_fsla(q, k, v, 49, 20, 8**-0.5))
+
+
+@pytest.mark.parametrize('impl', ATTENTION_IMPLS)
+def test_attention_batch_independent(impl):
+    q, k, v = qkv((2, 2, 120, 8), torch.float32, seed=13)
+    out = feature_space_local_attention(q, k, v, 16, 5, impl=impl)
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[1] = torch.randn(2, 120, 8)
+    out2 = feature_space_local_attention(q2, k2, v2, 16, 5, impl=impl)
+    assert torch.equal(out[0], out2[0])
+    assert not torch.allclose(out[1], out2[1])
+
+
+@pytest.mark.parametrize('impl', ATTENTION_IMPLS)
+def test_permutation_equivariance(impl):
+    """Shuffling tokens inside each half of the initial order (which fixes the initial
+    centroids) shuffles the FSLA output the same way; any shuffle of tokens together with the
+    matching perm shuffles the clustered-attention output."""
+    n = 150
+    q, k, v = qkv((1, 2, n, 8), torch.float64, seed=17)
+    gen = torch.Generator().manual_seed(0)
+    sigma = torch.cat([torch.randperm(n // 2, generator=gen),
+                       n // 2 + torch.randperm(n - n // 2, generator=gen)])
+    out = feature_space_local_attention(q, k, v, 20, 7, impl=impl)
+    shuffled = [t[:, :, sigma] for t in (q, k, v)]
+    out_s = feature_space_local_attention(*shuffled, 20, 7, impl=impl)
+    torch.testing.assert_close(out_s, out[:, :, sigma])
+    # Arbitrary shuffle, perm carried along: token sigma_inv[perm] in the shuffled input.
+    tau = torch.randperm(n, generator=gen)
+    perm, _ = balanced_hierarchical_clustering(q, 20)
+    tau_inv = torch.empty_like(tau).scatter_(0, tau, torch.arange(n))
+    out_t = clustered_attention(*(t[:, :, tau] for t in (q, k, v)), tau_inv[perm], 20, 7,
+                                impl=impl)
+    torch.testing.assert_close(out_t, clustered_attention(q, k, v, perm, 20, 7,
+                                                          impl=impl)[:, :, tau])
+
+
+def test_compile_reference_and_ext():
+    q, k, v = qkv((1, 2, 60, 8), torch.float32, seed=19)
+    fn = torch.compile(lambda a, b, c: feature_space_local_attention(a, b, c, 16, 4),
+                       backend='eager', fullgraph=False)
+    torch.testing.assert_close(fn(q, k, v), feature_space_local_attention(q, k, v, 16, 4))
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_clustering_bad_inputs():
+    x = torch.randn(1, 2, 10, 4)
+    with pytest.raises(ValueError, match=r'x must have shape \[B, heads, N, d\]'):
+        balanced_hierarchical_clustering(x[0])
+    with pytest.raises(TypeError, match='floating-point'):
+        balanced_hierarchical_clustering(torch.ones(1, 1, 4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match='cluster_size must be >= 1'):
+        balanced_hierarchical_clustering(x, 0)
+    with pytest.raises(ValueError, match='iters must be >= 0'):
+        balanced_hierarchical_clustering(x, 4, -1)
+    with pytest.raises(ValueError, match='tau must be finite'):
+        balanced_hierarchical_clustering(x, 4, 2, float('inf'))
+    with pytest.raises(ValueError, match='at least one token'):
+        balanced_hierarchical_clustering(torch.randn(1, 1, 0, 4))
+    with pytest.raises(ValueError, match='impl must be one of'):
+        balanced_hierarchical_clustering(x, impl='fast')
+
+
+def test_attention_bad_inputs():
+    q, k, v = qkv((1, 2, 10, 4))
+    perm, _ = balanced_hierarchical_clustering(q, 4)
+    with pytest.raises(ValueError, match=r'query must have shape \[B, heads, N, d\]'):
+        clustered_attention(q[0], k, v, perm)
+    with pytest.raises(ValueError, match='same shape'):
+        clustered_attention(q, k[:, :, :5], v, perm, 4, 1)
+    with pytest.raises(ValueError, match='cluster_size must be >= 1'):
+        clustered_attention(q, k, v, perm, 0, 0)
+    with pytest.raises(ValueError, match='overlap must be >= 0'):
+        clustered_attention(q, k, v, perm, 4, -1)
+    with pytest.raises(ValueError, match='overlap must be smaller than cluster_size'):
+        clustered_attention(q, k, v, perm, 4, 4)
+    with pytest.raises(TypeError, match='same dtype'):
+        clustered_attention(q, k.double(), v, perm, 4, 1)
+    with pytest.raises(ValueError, match='same device'):
+        clustered_attention(q, k.to('meta'), v, perm, 4, 1)
+    with pytest.raises(TypeError, match='perm must be int64'):
+        clustered_attention(q, k, v, perm.int(), 4, 1)
+    with pytest.raises(ValueError, match=r'perm must have shape \[B, heads, N\]'):
+        clustered_attention(q, k, v, perm[:, :1], 4, 1)
+    with pytest.raises(TypeError, match='cluster_size must be an int'):
+        clustered_attention(q, k, v, perm, 4.0, 1)
+
+
+@needs_attention_op
+def test_compiled_op_checks():
+    q, k, v = qkv((1, 2, 10, 4))
+    perm, _ = balanced_hierarchical_clustering(q, 4)
+    op = torch.ops.mmboat.clustered_attention_forward
+    with pytest.raises(RuntimeError, match='perm must be a permutation'):
+        op(q, k, v, torch.zeros_like(perm), 4, 1, 0.5)
+    with pytest.raises(RuntimeError, match='perm must be a permutation'):
+        op(q, k, v, perm + 1, 4, 1, 0.5)
+    with pytest.raises(RuntimeError, match='overlap'):
+        op(q, k, v, perm, 4, 4, 0.5)
+    with pytest.raises(RuntimeError, match='same dtype'):
+        op(q, k.double(), v, perm, 4, 1, 0.5)
+    with pytest.raises(RuntimeError, match='cluster_size'):
+        torch.ops.mmboat.bhc_cluster(q, 0, 2, 100.0)
+    with pytest.raises(RuntimeError, match='4 dimensions'):
+        torch.ops.mmboat.bhc_cluster(q[0], 4, 2, 100.0)

@@ -1,0 +1,183 @@
+"""Convert released NAT / DiNAT checkpoints to mmboat (mmpretrain / mmdet / mmseg) layout.
+
+mmboat keeps the released parameter names, so conversion is a key mapping:
+
+* classification (timm-style ``patch_embed.*``, ``levels.*``, ``norm.*``, ``head.*``):
+  ``patch_embed/levels`` -> ``backbone.*``, the final ``norm`` -> ``backbone.norm{last}`` (the
+  output norm of the last stage, ``out_indices=(3, )``), ``head`` -> ``head.fc`` (mmpretrain's
+  ``LinearClsHead``, used with a ``GlobalAveragePooling`` neck);
+* detection / segmentation (mmdet 2.x / mmseg 0.x, already ``backbone.*``, ``neck.*``,
+  ``rpn_head.*``, ``roi_head.*``, ``decode_head.*``, ``auxiliary_head.*``): names are unchanged
+  in mmdet 3 / mmseg 1, so only the wrapper (``module.`` prefixes, optimizer state, pickled
+  objects) is removed.
+
+The output is ``{'state_dict': {name: Tensor}, 'meta': {str: str|int}}`` and loads with
+``torch.load(path, weights_only=True)`` and ``init_cfg=dict(type='Pretrained', ...)`` /
+``load_from``.
+
+Example::
+
+    python tools/model_converters/nat_to_mmboat.py nat_tiny.pth nat-tiny_in1k_mmboat.pth
+"""
+import argparse
+import os
+import re
+from collections import OrderedDict
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+BACKBONE_PREFIXES = ('patch_embed.', 'levels.')
+DENSE_PREFIXES = ('backbone.', 'neck.', 'rpn_head.', 'roi_head.', 'decode_head.',
+                  'auxiliary_head.', 'bbox_head.', 'mask_head.')
+
+
+def load_official(path: str, trust_checkpoint: bool = False) -> dict:
+    """Load a released checkpoint (weights only unless ``trust_checkpoint``)."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
+    except Exception as exc:  # UnpicklingError names the offending global
+        if trust_checkpoint:
+            raise
+        raise RuntimeError(
+            f'{path} holds pickled objects besides tensors ({type(exc).__name__}: {exc}). '
+            'If you trust its source, rerun with --trust-checkpoint to unpickle it fully.'
+        ) from exc
+
+
+def extract_state_dict(checkpoint: dict, use_ema: bool = False) -> Dict[str, Tensor]:
+    """Pick the weights out of a checkpoint and strip ``module.`` prefixes."""
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f'expected a dict checkpoint, got {type(checkpoint).__name__}')
+    if use_ema:
+        if 'state_dict_ema' not in checkpoint:
+            raise KeyError('--ema: the checkpoint has no "state_dict_ema"; keys are '
+                           f'{sorted(checkpoint)}')
+        state_dict = checkpoint['state_dict_ema']
+    else:
+        for key in ('state_dict', 'model'):
+            if key in checkpoint and isinstance(checkpoint[key], dict):
+                state_dict = checkpoint[key]
+                break
+        else:
+            state_dict = checkpoint
+    result = OrderedDict()
+    for name, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            continue
+        if name.startswith('module.'):
+            name = name[len('module.'):]
+        result[name] = value
+    if not result:
+        raise ValueError('no tensors found in the checkpoint')
+    return result
+
+
+def detect_task(state_dict: Dict[str, Tensor]) -> str:
+    """``'cls'`` for timm-style classification weights, ``'dense'`` for mmdet/mmseg ones."""
+    if any(name.startswith(BACKBONE_PREFIXES) for name in state_dict):
+        return 'cls'
+    if any(name.startswith('backbone.levels.') for name in state_dict):
+        return 'dense'
+    raise ValueError('not a NAT/DiNAT checkpoint: no "levels.*" or "backbone.levels.*" keys '
+                     f'(first keys: {list(state_dict)[:5]})')
+
+
+def num_stages(state_dict: Dict[str, Tensor], prefix: str = '') -> int:
+    pattern = re.compile(re.escape(prefix) + r'levels\.(\d+)\.')
+    stages = {int(m.group(1)) for m in map(pattern.match, state_dict) if m}
+    if not stages:
+        raise ValueError(f'no "{prefix}levels.*" keys in the checkpoint')
+    return max(stages) + 1
+
+
+def describe_arch(state_dict: Dict[str, Tensor], prefix: str = '') -> str:
+    """Infer ``embed_dims, depths, num_heads, kernel_size, mlp_ratio, layer_scale``."""
+    n = num_stages(state_dict, prefix)
+    embed_dims = state_dict[f'{prefix}patch_embed.proj.1.weight'].shape[0]
+    depths, heads = [], []
+    for i in range(n):
+        pattern = re.compile(re.escape(prefix) + rf'levels\.{i}\.blocks\.(\d+)\.')
+        depths.append(max(int(m.group(1)) for m in map(pattern.match, state_dict) if m) + 1)
+        heads.append(state_dict[f'{prefix}levels.{i}.blocks.0.attn.rpb'].shape[0])
+    rpb = state_dict[f'{prefix}levels.0.blocks.0.attn.rpb']
+    kernel_size = (rpb.shape[-1] + 1) // 2
+    mlp_ratio = state_dict[f'{prefix}levels.0.blocks.0.mlp.fc1.weight'].shape[0] / embed_dims
+    layer_scale = f'{prefix}levels.0.blocks.0.gamma1' in state_dict
+    return (f'embed_dims={embed_dims}, depths={depths}, num_heads={heads}, '
+            f'kernel_size={kernel_size}, mlp_ratio={mlp_ratio:g}, layer_scale={layer_scale}')
+
+
+def convert_cls(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """timm-style classification weights -> mmpretrain ``ImageClassifier`` weights."""
+    last = num_stages(state_dict) - 1
+    converted = OrderedDict()
+    for name, value in state_dict.items():
+        if name.startswith(BACKBONE_PREFIXES):
+            new_name = 'backbone.' + name
+        elif name.startswith('norm.'):
+            new_name = f'backbone.norm{last}.' + name[len('norm.'):]
+        elif name.startswith('head.'):
+            new_name = 'head.fc.' + name[len('head.'):]
+        else:
+            raise KeyError(f'unexpected key {name!r} in a NAT classification checkpoint')
+        converted[new_name] = value
+    return converted
+
+
+def convert_dense(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """mmdet 2.x / mmseg 0.x weights -> mmdet 3 / mmseg 1 weights (same names)."""
+    converted = OrderedDict()
+    for name, value in state_dict.items():
+        if not name.startswith(DENSE_PREFIXES):
+            raise KeyError(f'unexpected key {name!r} in a NAT detection/segmentation checkpoint')
+        converted[name] = value
+    return converted
+
+
+def convert(checkpoint: dict, use_ema: bool = False, task: str = 'auto') -> dict:
+    """Convert a loaded released checkpoint; returns ``{'state_dict', 'meta'}``."""
+    state_dict = extract_state_dict(checkpoint, use_ema)
+    detected = detect_task(state_dict)
+    if task == 'auto':
+        task = detected
+    elif task != detected:
+        raise ValueError(f'--task {task} but the checkpoint looks like a {detected} checkpoint')
+    if task == 'cls':
+        arch = describe_arch(state_dict)
+        converted = convert_cls(state_dict)
+    else:
+        arch = describe_arch(state_dict, 'backbone.')
+        converted = convert_dense(state_dict)
+    converted = OrderedDict((k, v.detach().clone().contiguous()) for k, v in converted.items())
+    meta = {'converter': 'tools/model_converters/nat_to_mmboat.py', 'task': task, 'arch': arch,
+            'num_tensors': len(converted)}
+    return {'state_dict': converted, 'meta': meta}
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Convert a released NAT/DiNAT checkpoint to mmboat layout')
+    parser.add_argument('src', help='released checkpoint')
+    parser.add_argument('dst', help='output path')
+    parser.add_argument('--task', choices=('auto', 'cls', 'dense'), default='auto',
+                        help='checkpoint kind (auto: from the key layout)')
+    parser.add_argument('--ema', action='store_true',
+                        help='convert "state_dict_ema" instead of the raw weights')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='unpickle non-tensor objects in the source (trusted files only)')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list] = None) -> None:
+    args = parse_args(argv)
+    result = convert(load_official(args.src, args.trust_checkpoint), args.ema, args.task)
+    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
+    torch.save(result, args.dst)
+    print(f'{args.src} -> {args.dst}: {result["meta"]["num_tensors"]} tensors, '
+          f'task {result["meta"]["task"]}, {result["meta"]["arch"]}')
+
+
+if __name__ == '__main__':
+    main()
