@@ -1,6 +1,7 @@
 """Test-session setup: the stack fixes (mmboat/utils/compat.py) and a bounded thread count."""
 import pytest
 import torch
+from mmengine.registry import DefaultScope
 
 from mmboat.utils import apply_stack_fixes, limit_cpu_threads
 
@@ -15,3 +16,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if 'cuda' in item.keywords:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_default_scope():
+    """A test that sets mmengine's default scope (init_default_scope('mmseg'), a Runner...)
+    must not change how later tests resolve unprefixed type names."""
+    saved = dict(DefaultScope._instance_dict)
+    yield
+    DefaultScope._instance_dict.clear()
+    DefaultScope._instance_dict.update(saved)

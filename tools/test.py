@@ -11,20 +11,19 @@ Flags mirror the downstream ``tools/test.py``::
 The metrics are logged and written to ``<work-dir>/<timestamp>/<timestamp>.json``.
 """
 import argparse
-import importlib
-import os
 import os.path as osp
 import sys
 from typing import Dict, List, Optional
 
+# The repository root, so that `python tools/test.py` finds mmboat without installing it.
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-_SCOPES = {'mmdet': 'mmdet', 'mmseg': 'mmseg', 'mmpretrain': 'mmpretrain'}
+from mmboat.engine.runner_setup import (  # noqa: E402,F401  (re-exported for the tests)
+    build_runner, load_config, parse_with_launcher_args, prepare_environment,
+    register_downstream, register_modules, setup_cpu_ddp)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from mmengine.config import DictAction
-
     parser = argparse.ArgumentParser(description='Test (and evaluate) a model (mmboat)')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
@@ -33,46 +32,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--out', help='mmseg: directory for predicted label maps; mmdet/mmpretrain: a .pkl '
         'file for the raw predictions')
-    parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
-        help='override settings in the config, key=value pairs in xxx=yyy format')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
-
-
-def register_downstream(cfg) -> str:
-    """Register the modules of the library named by the config's ``default_scope``."""
-    scope = cfg.get('default_scope', None)
-    if scope not in _SCOPES:
-        raise ValueError(
-            f'config default_scope must be one of {sorted(_SCOPES)} (mmboat plugs into those '
-            f"libraries; keep the downstream scope, not 'mmboat'), got {scope!r}")
-    try:
-        utils = importlib.import_module(f'{_SCOPES[scope]}.utils')
-    except ImportError as exc:
-        raise ImportError(f'the config needs {_SCOPES[scope]} (default_scope={scope!r}), which '
-                          f'could not be imported: {exc}') from exc
-    utils.register_all_modules(init_default_scope=False)
-    return scope
-
-
-def setup_cpu_ddp(cfg) -> None:
-    """Make mmengine's DDP wrapper work on CPU (gloo): ``device_ids`` must be None there."""
-    import torch
-
-    if cfg.launcher == 'none' or torch.cuda.is_available():
-        return
-    wrapper = cfg.get('model_wrapper_cfg', None)
-    if wrapper is None:
-        wrapper = dict(type='MMDistributedDataParallel', broadcast_buffers=False,
-                       find_unused_parameters=cfg.get('find_unused_parameters', False))
-    wrapper.setdefault('device_ids', None)
-    cfg.model_wrapper_cfg = wrapper
+    return parse_with_launcher_args(parser, argv)
 
 
 def setup_show_dir(cfg, scope: str, show_dir: str) -> None:
@@ -96,32 +56,13 @@ def setup_show_dir(cfg, scope: str, show_dir: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
-
-    from mmboat.utils import apply_stack_fixes, limit_cpu_threads
-
-    apply_stack_fixes()
-    world_size = int(os.environ.get('WORLD_SIZE', 1)) if args.launcher != 'none' else 1
-    limit_cpu_threads(world_size=world_size)
-
-    from mmengine.config import Config
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
+    prepare_environment(args.launcher)
 
     if not osp.isfile(args.checkpoint) and '://' not in args.checkpoint:
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     cfg.load_from = args.checkpoint
-    setup_cpu_ddp(cfg)
-
-    scope = register_downstream(cfg)
-    import mmboat.models  # noqa: F401  (registers mmboat's backbones)
+    scope = register_modules(cfg)
 
     if args.show_dir:
         setup_show_dir(cfg, scope, args.show_dir)
@@ -136,10 +77,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
                                  f'got {args.out!r}')
             dump_file = args.out
 
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
+    runner = build_runner(cfg)
     if dump_file is not None:
         if scope == 'mmdet':
             from mmdet.evaluation import DumpDetResults as Dump

@@ -12,7 +12,7 @@ autograd formula registered here, so they work under ``torch.compile``.
 Shapes: ``B`` batch, ``heads``, ``N`` tokens in raster order, ``d`` channels per head.
 """
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,7 +25,11 @@ __all__ = [
     'feature_space_local_attention'
 ]
 
-_ATTENTION_DTYPES = (torch.float32, torch.float64)
+# dtypes the compiled attention kernels take per device (CUDA has no float64 kernels).
+_ATTENTION_DTYPES = {
+    'cpu': (torch.float32, torch.float64),
+    'cuda': (torch.float32, torch.float16, torch.bfloat16),
+}
 
 
 def _compiled_op(name: str):
@@ -46,11 +50,12 @@ def _has_kernel(name: str, device: torch.device) -> bool:
 
 
 def _pick_compiled(impl: Optional[str], what: str, op_name: str, tensor: torch.Tensor,
-                   dtypes: Optional[Sequence[torch.dtype]] = None) -> bool:
+                   dtypes: Optional[Dict[str, Sequence[torch.dtype]]] = None) -> bool:
     """Whether this call runs the compiled op (``impl='ext'`` errors when it cannot)."""
     if not use_ext(impl, what):
         return False
-    if _has_kernel(op_name, tensor.device) and (dtypes is None or tensor.dtype in dtypes):
+    if _has_kernel(op_name, tensor.device) and (
+            dtypes is None or tensor.dtype in dtypes.get(tensor.device.type, ())):
         return True
     if requested_impl(impl) == 'ext':
         raise RuntimeError(f'{what}: impl="ext" was requested but the compiled op '

@@ -63,16 +63,26 @@ def neighborhood_attention_op_available(name: str = 'na2d_forward',
     return _op_has_kernel(name, torch.device(device))
 
 
-def _use_compiled(impl: Optional[str], name: str, what: str, device: torch.device) -> bool:
+# dtypes the compiled kernels take per device (CUDA has no float64 kernels); others run on the
+# reference.
+_KERNEL_DTYPES = {
+    'cpu': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    'cuda': (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def _use_compiled(impl: Optional[str], name: str, what: str, device: torch.device,
+                  dtype: torch.dtype) -> bool:
     if not use_ext(impl, what):
         return False
-    if _op_has_kernel(name, device):
+    if _op_has_kernel(name, device) and dtype in _KERNEL_DTYPES.get(device.type, ()):
         return True
-    msg = (f'{what}: mmboat._ext has no {device.type.upper()} kernel for mmboat::{name}; ')
+    msg = (f'{what}: mmboat._ext has no {device.type.upper()} kernel for mmboat::{name} '
+           f'with {dtype}; ')
     if requested_impl(impl) == 'ext':
         raise RuntimeError(msg + 'rebuild mmboat._ext with it or use impl="reference"')
-    if (name, device.type) not in _warned_missing_op:
-        _warned_missing_op.add((name, device.type))
+    if (name, device.type, dtype) not in _warned_missing_op:
+        _warned_missing_op.add((name, device.type, dtype))
         warnings.warn(msg + 'falling back to the pure-PyTorch reference (slower).',
                       RuntimeWarning, stacklevel=3)
     return False
@@ -181,7 +191,7 @@ def _nand(n: int, query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tenso
     if scale is None:
         scale = query.shape[-1]**-0.5
     scale = float(scale)
-    if not _use_compiled(impl, f'na{n}d_forward', what, query.device):
+    if not _use_compiled(impl, f'na{n}d_forward', what, query.device, query.dtype):
         return nand_reference(query, key, value, rpb, ks, ds, cs, scale)
     op = getattr(torch.ops.mmboat, f'na{n}d_forward')
     out, _ = op(query.contiguous(), key.contiguous(), value.contiguous(),
@@ -278,7 +288,7 @@ def na2d_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor] = None,
     ks, ds, cs = _check_config(what, 2, tuple(query.shape[2:4]), rpb is not None, kernel_size,
                                dilation, is_causal)
     _check_rpb(what, rpb, query.shape[1], ks, query)
-    if not _use_compiled(impl, 'na2d_qk', what, query.device):
+    if not _use_compiled(impl, 'na2d_qk', what, query.device, query.dtype):
         return na2d_qk_reference(query, key, rpb, ks, ds, cs)
     return torch.ops.mmboat.na2d_qk(query.contiguous(), key.contiguous(),
                                     None if rpb is None else rpb.contiguous(), list(ks),
@@ -312,7 +322,7 @@ def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple = 7,
         raise TypeError(f'{what}: attn and value dtypes differ: {attn.dtype} vs {value.dtype}')
     if attn.device != value.device:
         raise ValueError(f'{what}: attn is on {attn.device}, value on {value.device}')
-    if not _use_compiled(impl, 'na2d_av', what, value.device):
+    if not _use_compiled(impl, 'na2d_av', what, value.device, value.dtype):
         return na2d_av_reference(attn, value, ks, ds, cs)
     return torch.ops.mmboat.na2d_av(attn.contiguous(), value.contiguous(), list(ks), list(ds),
                                     list(cs))

@@ -87,23 +87,18 @@ def fix_checkpoint_loading() -> bool:
     # HistoryBuffer pickles its statistics methods as ``getattr(HistoryBuffer, 'min')`` (pickle
     # protocol 2). Allow-listing the real ``getattr`` would let a checkpoint reach any attribute,
     # so ``builtins.getattr`` is mapped to a getattr that only resolves those methods.
-    safe.append((_history_buffer_getattr, 'builtins.getattr'))
+    def history_buffer_getattr(obj, name):
+        if (obj is HistoryBuffer and isinstance(name, str) and not name.startswith('_')
+                and callable(getattr(HistoryBuffer, name, None))):
+            return getattr(HistoryBuffer, name)
+        import pickle
+        raise pickle.UnpicklingError(
+            f'weights-only checkpoint loading: getattr({obj!r}, {name!r}) is not allowed (mmboat '
+            "allows getattr only for the statistics methods of mmengine's HistoryBuffer)")
+
+    safe.append((history_buffer_getattr, 'builtins.getattr'))
     add_safe_globals(safe)
     return True
-
-
-def _history_buffer_getattr(obj, name):
-    """``getattr`` as seen by weights-only unpickling: public methods of ``HistoryBuffer`` only."""
-    import pickle
-
-    from mmengine.logging import HistoryBuffer
-
-    if (obj is HistoryBuffer and isinstance(name, str) and not name.startswith('_')
-            and callable(getattr(HistoryBuffer, name, None))):
-        return getattr(HistoryBuffer, name)
-    raise pickle.UnpicklingError(
-        f'weights-only checkpoint loading: getattr({obj!r}, {name!r}) is not allowed (mmboat '
-        'allows getattr only for the statistics methods of mmengine\'s HistoryBuffer)')
 
 
 @functools.lru_cache(None)

@@ -157,17 +157,21 @@ def test_boat_swin_converter_strict_load_and_cli(tmp_path):
 
 def test_boat_swin_converter_into_mmpretrain_classifier(tmp_path):
     pytest.importorskip('mmpretrain')
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
+    from mmpretrain.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
     tool = load_tool('boat_swin_to_mmboat')
     official = synthetic(official_boat_swin(16, (2, 2, 2, 2), (1, 2, 2, 4), 2,
                                             [[1], [1], [1], []], img_size=64, num_classes=10))
     state = tool.convert({'model': official})['state_dict']
-    classifier = MODELS.build(dict(
-        type='ImageClassifier',
-        backbone=dict(type='mmboat.BOATSwinTransformer', arch=SWIN_SMALL, window_size=2,
-                      img_size=64, fsla_cluster_size=8, fsla_overlap=2),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=10, in_channels=128)))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        classifier = MODELS.build(dict(
+            type='ImageClassifier',
+            backbone=dict(type='mmboat.BOATSwinTransformer', arch=SWIN_SMALL, window_size=2,
+                          img_size=64, fsla_cluster_size=8, fsla_overlap=2),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(type='LinearClsHead', num_classes=10, in_channels=128)))
     classifier.load_state_dict(state, strict=True)
 
 

@@ -2,6 +2,7 @@
 import json
 import os.path as osp
 import socket
+import sys
 import textwrap
 
 import pytest
@@ -59,7 +60,9 @@ def test_dist_train_two_cpu_processes(tmp_path):
         custom_hooks = [dict(type='DumpRankParamsHook')]
     '''))
     work_dir = str(tmp_path / 'work')
-    env = {'PORT': str(_free_port()), 'PYTHONPATH': str(tmp_path), 'MMBOAT_NUM_THREADS': '1'}
+    # the scripts run $PYTHON (default: `python` on PATH); use this interpreter's environment
+    env = {'PORT': str(_free_port()), 'PYTHONPATH': str(tmp_path), 'MMBOAT_NUM_THREADS': '1',
+           'PYTHON': sys.executable}
     proc = run_script(['bash', osp.join(TOOLS, 'dist_train.sh'), str(config), '2', '--work-dir',
                        work_dir, '--cfg-options'] + tiny_seg_options(data_root, iters=3), env=env)
     assert proc.returncode == 0, proc.stdout[-4000:]

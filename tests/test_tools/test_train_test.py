@@ -151,3 +151,31 @@ def test_det_config_train_and_test(tmp_path):
     with pytest.raises(ValueError, match='.pkl'):
         test_tool.main([DET_CONFIG, ckpt, '--out', str(tmp_path / 'dets.json'),
                         '--cfg-options'] + opts)
+
+
+class _Reduces:
+    """Pickles as ``getattr(owner, name)``, as protocol 2 pickles a class's function."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_weights_only_loading_allows_only_history_buffer_getattr(tmp_path):
+    from mmengine.logging import HistoryBuffer
+
+    buffer = HistoryBuffer()
+    buffer.update(1.5)
+    good = str(tmp_path / 'good.pth')
+    torch.save({'hub': buffer, 'w': torch.ones(2)}, good)
+    loaded = torch.load(good, weights_only=True)
+    assert loaded['hub'].mean() == 1.5  # statistics methods restored through getattr
+    bad = str(tmp_path / 'bad.pth')
+    torch.save({'x': _Reduces(np.ndarray, 'tofile')}, bad)
+    with pytest.raises(pickle.UnpicklingError, match='getattr only for the statistics methods'):
+        torch.load(bad, weights_only=True)
+    torch.save({'x': _Reduces(HistoryBuffer, '__init__')}, bad)
+    with pytest.raises(pickle.UnpicklingError, match='is not allowed'):
+        torch.load(bad, weights_only=True)

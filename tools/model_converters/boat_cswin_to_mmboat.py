@@ -21,51 +21,30 @@ Example::
         boat-cswin-tiny_in1k_mmboat.pth --ema
 """
 import argparse
-import os
+import os.path as osp
 import re
+import sys
 from collections import OrderedDict
 from typing import Dict, Optional
 
-import torch
 from torch import Tensor
+
+# The repository root, so that the script finds mmboat without installing it.
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+
+# ``load_official`` is part of the script's interface.
+from mmboat.utils.checkpoint_convert import (  # noqa: E402,F401
+    add_common_args, extract_state_dict as extract_tensors,
+    load_official_checkpoint as load_official, plain_tensors, save_converted, stage_block_layout)
 
 STEM_RENAMES = {'stage1_conv_embed.0.': 'stage1_conv_embed.conv.',
                 'stage1_conv_embed.2.': 'stage1_conv_embed.norm.'}
 STAGE_PATTERN = re.compile(r'(stage\d+|merge\d+)\.')
 
 
-def load_official(path: str, trust_checkpoint: bool = False) -> dict:
-    """Load a released checkpoint (weights only unless ``trust_checkpoint``)."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
-    except Exception as exc:  # UnpicklingError names the offending global (timm saves args)
-        if trust_checkpoint:
-            raise
-        raise RuntimeError(
-            f'{path} holds pickled objects besides tensors ({type(exc).__name__}: {exc}). '
-            'If you trust its source, rerun with --trust-checkpoint to unpickle it fully.'
-        ) from exc
-
-
 def extract_state_dict(checkpoint: dict, use_ema: bool = False) -> Dict[str, Tensor]:
     """``state_dict`` (or ``state_dict_ema`` with ``use_ema``), without ``module.`` prefixes."""
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f'expected a dict checkpoint, got {type(checkpoint).__name__}')
-    if use_ema:
-        if not isinstance(checkpoint.get('state_dict_ema'), dict):
-            raise KeyError('--ema: the checkpoint has no "state_dict_ema"; keys are '
-                           f'{sorted(checkpoint)}')
-        state_dict = checkpoint['state_dict_ema']
-    else:
-        state_dict = checkpoint
-        for key in ('state_dict', 'model'):
-            if isinstance(checkpoint.get(key), dict):
-                state_dict = checkpoint[key]
-                break
-    result = OrderedDict()
-    for name, value in state_dict.items():
-        if isinstance(value, Tensor):
-            result[name[len('module.'):] if name.startswith('module.') else name] = value
+    result = extract_tensors(checkpoint, ('state_dict', 'model'), use_ema)
     if not any(name.startswith('stage1_conv_embed.') for name in result):
         raise ValueError('not a BOAT-CSWin checkpoint: no "stage1_conv_embed.*" keys '
                          f'(first keys: {list(result)[:5]})')
@@ -74,20 +53,10 @@ def extract_state_dict(checkpoint: dict, use_ema: bool = False) -> Dict[str, Ten
 
 def describe_arch(state_dict: Dict[str, Tensor]) -> str:
     """``embed_dims``, ``depths`` and the FSLA blocks of each stage."""
-    blocks: Dict[int, set] = {}
-    fsla: Dict[int, set] = {}
-    pattern = re.compile(r'stage(\d+)\.(\d+)\.(\w+)')
-    for name in state_dict:
-        match = pattern.match(name)
-        if match:
-            k, j = int(match.group(1)), int(match.group(2))
-            blocks.setdefault(k, set()).add(j)
-            if match.group(3) == 'content_attn':
-                fsla.setdefault(k, set()).add(j)
-    stages = sorted(blocks)
+    _, depths, fsla_blocks = stage_block_layout(state_dict, r'stage(\d+)\.(\d+)\.(\w+)',
+                                                'content_attn')
     embed_dims = state_dict['stage1_conv_embed.0.weight'].shape[0]
-    return (f'embed_dims={embed_dims}, depths={[max(blocks[k]) + 1 for k in stages]}, '
-            f'fsla_blocks={[sorted(fsla.get(k, ())) for k in stages]}')
+    return f'embed_dims={embed_dims}, depths={depths}, fsla_blocks={fsla_blocks}'
 
 
 def convert_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -107,8 +76,8 @@ def convert_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
                 new_name = 'head.fc.' + name[len('head.'):]
             else:
                 raise KeyError(f'unexpected key {name!r} in a BOAT-CSWin checkpoint')
-        converted[new_name] = value.detach().clone().contiguous()
-    return converted
+        converted[new_name] = value
+    return plain_tensors(converted)
 
 
 def convert(checkpoint: dict, use_ema: bool = False) -> dict:
@@ -124,20 +93,14 @@ def convert(checkpoint: dict, use_ema: bool = False) -> dict:
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Convert a released BOAT-CSWin checkpoint to mmboat layout')
-    parser.add_argument('src', help='released checkpoint')
-    parser.add_argument('dst', help='output path')
-    parser.add_argument('--ema', action='store_true',
-                        help='convert "state_dict_ema" instead of "state_dict"')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='unpickle non-tensor objects in the source (trusted files only)')
+    add_common_args(parser, ema_help='convert "state_dict_ema" instead of "state_dict"')
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list] = None) -> None:
     args = parse_args(argv)
     result = convert(load_official(args.src, args.trust_checkpoint), args.ema)
-    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
-    torch.save(result, args.dst)
+    save_converted(result['state_dict'], result['meta'], args.dst)
     print(f'{args.src} -> {args.dst}: {result["meta"]["num_tensors"]} tensors '
           f'({result["meta"]["weights"]}), {result["meta"]["arch"]}')
 

@@ -21,44 +21,28 @@ Example::
         boat-swin-tiny_in1k_mmboat.pth
 """
 import argparse
-import os
-import re
+import os.path as osp
+import sys
 from collections import OrderedDict
 from typing import Dict, Optional
 
-import torch
 from torch import Tensor
+
+# The repository root, so that the script finds mmboat without installing it.
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+
+# ``load_official`` is part of the script's interface.
+from mmboat.utils.checkpoint_convert import (  # noqa: E402,F401
+    add_common_args, extract_state_dict as extract_tensors,
+    load_official_checkpoint as load_official, plain_tensors, save_converted, stage_block_layout)
 
 BACKBONE_PREFIXES = ('patch_embed.', 'layers.')
 DERIVED_BUFFERS = ('relative_position_index', 'attn_mask')
 
 
-def load_official(path: str, trust_checkpoint: bool = False) -> dict:
-    """Load a released checkpoint (weights only unless ``trust_checkpoint``)."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
-    except Exception as exc:  # UnpicklingError names the offending global
-        if trust_checkpoint:
-            raise
-        raise RuntimeError(
-            f'{path} holds pickled objects besides tensors ({type(exc).__name__}: {exc}). '
-            'If you trust its source, rerun with --trust-checkpoint to unpickle it fully.'
-        ) from exc
-
-
 def extract_state_dict(checkpoint: dict) -> Dict[str, Tensor]:
     """The weights under ``model`` (or ``state_dict``, or the dict itself), without ``module.``."""
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f'expected a dict checkpoint, got {type(checkpoint).__name__}')
-    state_dict = checkpoint
-    for key in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(key), dict):
-            state_dict = checkpoint[key]
-            break
-    result = OrderedDict()
-    for name, value in state_dict.items():
-        if isinstance(value, Tensor):
-            result[name[len('module.'):] if name.startswith('module.') else name] = value
+    result = extract_tensors(checkpoint, ('model', 'state_dict'))
     if not any(name.startswith('layers.') for name in result):
         raise ValueError('not a BOAT-Swin checkpoint: no "layers.*" keys '
                          f'(first keys: {list(result)[:5]})')
@@ -67,24 +51,13 @@ def extract_state_dict(checkpoint: dict) -> Dict[str, Tensor]:
 
 def describe_arch(state_dict: Dict[str, Tensor]) -> str:
     """``embed_dims, depths, num_heads, window_size`` and the FSLA blocks of each stage."""
-    blocks: Dict[int, set] = {}
-    fsla: Dict[int, set] = {}
-    pattern = re.compile(r'layers\.(\d+)\.blocks\.(\d+)\.(\w+)')
-    for name in state_dict:
-        match = pattern.match(name)
-        if match:
-            i, j = int(match.group(1)), int(match.group(2))
-            blocks.setdefault(i, set()).add(j)
-            if match.group(3) == 'attnC':
-                fsla.setdefault(i, set()).add(j)
-    stages = sorted(blocks)
-    depths = [max(blocks[i]) + 1 for i in stages]
+    stages, depths, fsla_blocks = stage_block_layout(
+        state_dict, r'layers\.(\d+)\.blocks\.(\d+)\.(\w+)', 'attnC')
     heads = [state_dict[f'layers.{i}.blocks.0.attn.relative_position_bias_table'].shape[1]
              for i in stages]
     table = state_dict['layers.0.blocks.0.attn.relative_position_bias_table'].shape[0]
     window = (round(table**0.5) + 1) // 2
     embed_dims = state_dict['patch_embed.proj.weight'].shape[0]
-    fsla_blocks = [sorted(fsla.get(i, ())) for i in stages]
     return (f'embed_dims={embed_dims}, depths={depths}, num_heads={heads}, '
             f'window_size={window}, fsla_blocks={fsla_blocks}')
 
@@ -103,8 +76,8 @@ def convert_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
             new_name = 'head.fc.' + name[len('head.'):]
         else:
             raise KeyError(f'unexpected key {name!r} in a BOAT-Swin checkpoint')
-        converted[new_name] = value.detach().clone().contiguous()
-    return converted
+        converted[new_name] = value
+    return plain_tensors(converted)
 
 
 def convert(checkpoint: dict) -> dict:
@@ -119,18 +92,14 @@ def convert(checkpoint: dict) -> dict:
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Convert a released BOAT-Swin checkpoint to mmboat layout')
-    parser.add_argument('src', help='released checkpoint')
-    parser.add_argument('dst', help='output path')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='unpickle non-tensor objects in the source (trusted files only)')
+    add_common_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list] = None) -> None:
     args = parse_args(argv)
     result = convert(load_official(args.src, args.trust_checkpoint))
-    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
-    torch.save(result, args.dst)
+    save_converted(result['state_dict'], result['meta'], args.dst)
     print(f'{args.src} -> {args.dst}: {result["meta"]["num_tensors"]} tensors, '
           f'{result["meta"]["arch"]}')
 

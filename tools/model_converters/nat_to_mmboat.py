@@ -20,55 +20,30 @@ Example::
     python tools/model_converters/nat_to_mmboat.py nat_tiny.pth nat-tiny_in1k_mmboat.pth
 """
 import argparse
-import os
+import os.path as osp
 import re
+import sys
 from collections import OrderedDict
 from typing import Dict, Optional
 
-import torch
 from torch import Tensor
+
+# The repository root, so that the script finds mmboat without installing it.
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+
+# ``load_official`` is part of the script's interface.
+from mmboat.utils.checkpoint_convert import (  # noqa: E402,F401
+    add_common_args, extract_state_dict as extract_tensors,
+    load_official_checkpoint as load_official, plain_tensors, save_converted)
 
 BACKBONE_PREFIXES = ('patch_embed.', 'levels.')
 DENSE_PREFIXES = ('backbone.', 'neck.', 'rpn_head.', 'roi_head.', 'decode_head.',
                   'auxiliary_head.', 'bbox_head.', 'mask_head.')
 
 
-def load_official(path: str, trust_checkpoint: bool = False) -> dict:
-    """Load a released checkpoint (weights only unless ``trust_checkpoint``)."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
-    except Exception as exc:  # UnpicklingError names the offending global
-        if trust_checkpoint:
-            raise
-        raise RuntimeError(
-            f'{path} holds pickled objects besides tensors ({type(exc).__name__}: {exc}). '
-            'If you trust its source, rerun with --trust-checkpoint to unpickle it fully.'
-        ) from exc
-
-
 def extract_state_dict(checkpoint: dict, use_ema: bool = False) -> Dict[str, Tensor]:
     """Pick the weights out of a checkpoint and strip ``module.`` prefixes."""
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f'expected a dict checkpoint, got {type(checkpoint).__name__}')
-    if use_ema:
-        if 'state_dict_ema' not in checkpoint:
-            raise KeyError('--ema: the checkpoint has no "state_dict_ema"; keys are '
-                           f'{sorted(checkpoint)}')
-        state_dict = checkpoint['state_dict_ema']
-    else:
-        for key in ('state_dict', 'model'):
-            if key in checkpoint and isinstance(checkpoint[key], dict):
-                state_dict = checkpoint[key]
-                break
-        else:
-            state_dict = checkpoint
-    result = OrderedDict()
-    for name, value in state_dict.items():
-        if not isinstance(value, Tensor):
-            continue
-        if name.startswith('module.'):
-            name = name[len('module.'):]
-        result[name] = value
+    result = extract_tensors(checkpoint, ('state_dict', 'model'), use_ema)
     if not result:
         raise ValueError('no tensors found in the checkpoint')
     return result
@@ -150,7 +125,7 @@ def convert(checkpoint: dict, use_ema: bool = False, task: str = 'auto') -> dict
     else:
         arch = describe_arch(state_dict, 'backbone.')
         converted = convert_dense(state_dict)
-    converted = OrderedDict((k, v.detach().clone().contiguous()) for k, v in converted.items())
+    converted = plain_tensors(converted)
     meta = {'converter': 'tools/model_converters/nat_to_mmboat.py', 'task': task, 'arch': arch,
             'num_tensors': len(converted)}
     return {'state_dict': converted, 'meta': meta}
@@ -159,22 +134,16 @@ def convert(checkpoint: dict, use_ema: bool = False, task: str = 'auto') -> dict
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Convert a released NAT/DiNAT checkpoint to mmboat layout')
-    parser.add_argument('src', help='released checkpoint')
-    parser.add_argument('dst', help='output path')
+    add_common_args(parser, ema_help='convert "state_dict_ema" instead of the raw weights')
     parser.add_argument('--task', choices=('auto', 'cls', 'dense'), default='auto',
                         help='checkpoint kind (auto: from the key layout)')
-    parser.add_argument('--ema', action='store_true',
-                        help='convert "state_dict_ema" instead of the raw weights')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='unpickle non-tensor objects in the source (trusted files only)')
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list] = None) -> None:
     args = parse_args(argv)
     result = convert(load_official(args.src, args.trust_checkpoint), args.ema, args.task)
-    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
-    torch.save(result, args.dst)
+    save_converted(result['state_dict'], result['meta'], args.dst)
     print(f'{args.src} -> {args.dst}: {result["meta"]["num_tensors"]} tensors, '
           f'task {result["meta"]["task"]}, {result["meta"]["arch"]}')
 

@@ -41,6 +41,7 @@ struct SplitScratch {
   std::vector<float> cos0, cos1;  // [n]
   std::vector<uint64_t> keyed, keyed_tmp;  // (sortable score bits << 32 | rank)
   std::vector<int64_t> tokens;   // [n]
+  std::vector<float> raw, nrm;   // [n, d]: the group's features before the reorder
 };
 
 // Maps a score to a uint32 whose unsigned order is bhc::score_less's order: -0 and +0 equal,
@@ -102,7 +103,7 @@ void group_cosines(const float* feats_t, int64_t ld, const float* c0, const floa
 
 // sums_j = sum_t a_tj x_t with a = softmax(tau * cos) over the two centroids.
 MMBOAT_FSLA_HOT
-void soft_assign_sums(const float* feats, const int64_t* order, const float* cos0,
+void soft_assign_sums(const float* feats, const float* cos0,
                       const float* cos1, int64_t d, int64_t n, float tau, float* sum0,
                       float* sum1) {
   std::fill(sum0, sum0 + d, 0.f);
@@ -111,7 +112,7 @@ void soft_assign_sums(const float* feats, const int64_t* order, const float* cos
   for (int64_t t = 0; t < n; ++t) {
     const float a0 = bhc::soft_assign0(cos0[t], cos1[t], tau, exp_fn);
     const float a1 = 1.0f - a0;
-    const float* x = feats + order[t] * d;
+    const float* x = feats + t * d;
     for (int64_t i = 0; i < d; ++i) {
       sum0[i] += a0 * x[i];
       sum1[i] += a1 * x[i];
@@ -119,9 +120,11 @@ void soft_assign_sums(const float* feats, const int64_t* order, const float* cos
   }
 }
 
-// Splits one group: `order[0..n)` are token ids in the group's current order; on return the
-// first floor(n/2) are child 0 and the rest child 1, each in ascending score order.
-void split_group(const float* feats, const float* feats_n, int64_t d, int64_t* order, int64_t n,
+// Splits one group: `order[0..n)` are token ids in the group's current order and feats/feats_n
+// their features ([n, d], same order); on return the first floor(n/2) are child 0 and the rest
+// child 1, each in ascending score order, and feats/feats_n are reordered alike (so every level
+// reads its group contiguously instead of gathering tokens from all over the row).
+void split_group(float* feats, float* feats_n, int64_t d, int64_t* order, int64_t n,
                  int64_t iters, float tau, SplitScratch& s) {
   if (n < 2) return;  // a single token (or none) stays where it is
   const int64_t half = n / 2;
@@ -130,7 +133,7 @@ void split_group(const float* feats, const float* feats_n, int64_t d, int64_t* o
   float* c1 = c0 + d;
   // Initial centroids: means of the two rank parts.
   for (int64_t t = 0; t < n; ++t) {
-    const float* x = feats + order[t] * d;
+    const float* x = feats + t * d;
     float* c = t < half ? c0 : c1;
     for (int64_t i = 0; i < d; ++i) c[i] += x[i];
   }
@@ -146,14 +149,14 @@ void split_group(const float* feats, const float* feats_n, int64_t d, int64_t* o
   const int64_t ld = ((n + 15) & ~int64_t(15)) + 16;
   s.feats_t.resize(d * ld);
   for (int64_t t = 0; t < n; ++t) {
-    const float* xn = feats_n + order[t] * d;
+    const float* xn = feats_n + t * d;
     for (int64_t i = 0; i < d; ++i) s.feats_t[i * ld + t] = xn[i];
   }
   s.cos0.resize(n);
   s.cos1.resize(n);
   for (int64_t it = 0; it < iters; ++it) {
     group_cosines(s.feats_t.data(), ld, c0, c1, d, n, s.cos0.data(), s.cos1.data());
-    soft_assign_sums(feats, order, s.cos0.data(), s.cos1.data(), d, n, tau, c0, c1);
+    soft_assign_sums(feats, s.cos0.data(), s.cos1.data(), d, n, tau, c0, c1);
     normalise(c0, d);
     normalise(c1, d);
   }
@@ -164,7 +167,14 @@ void split_group(const float* feats, const float* feats_n, int64_t d, int64_t* o
                  uint64_t(t);
   sort_keys(s.keyed, s.keyed_tmp);
   s.tokens.assign(order, order + n);
-  for (int64_t t = 0; t < n; ++t) order[t] = s.tokens[s.keyed[t] & 0xFFFFFFFFu];
+  s.raw.assign(feats, feats + n * d);
+  s.nrm.assign(feats_n, feats_n + n * d);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t src = static_cast<int64_t>(s.keyed[t] & 0xFFFFFFFFu);
+    order[t] = s.tokens[src];
+    std::memcpy(feats + t * d, s.raw.data() + src * d, d * sizeof(float));
+    std::memcpy(feats_n + t * d, s.nrm.data() + src * d, d * sizeof(float));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> bhc_cluster_cpu(const at::Tensor& x_in, int64_t cluster_size,
@@ -175,8 +185,10 @@ std::tuple<at::Tensor, at::Tensor> bhc_cluster_cpu(const at::Tensor& x_in, int64
   const int64_t batch = x.size(0), heads = x.size(1), n = x.size(2), d = x.size(3);
   const int64_t rows = batch * heads;
   // Token features L2-normalised once (the formula needs them at every level).
+  // Working copies kept in perm order (x may alias the caller's tensor: never written).
+  at::Tensor x_w = x.clone();
   at::Tensor x_n = at::empty_like(x);
-  const float* feats = x.data_ptr<float>();
+  float* feats = x_w.data_ptr<float>();
   float* feats_n = x_n.data_ptr<float>();
   at::parallel_for(0, rows * n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -198,7 +210,8 @@ std::tuple<at::Tensor, at::Tensor> bhc_cluster_cpu(const at::Tensor& x_in, int64
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row = task / groups, group = task % groups;
         const Extent e = bhc::group_extent(n, level, group);
-        split_group(feats + row * n * d, feats_n + row * n * d, d, order + row * n + e.offset,
+        split_group(feats + (row * n + e.offset) * d, feats_n + (row * n + e.offset) * d, d,
+                    order + row * n + e.offset,
                     e.size, iters, tau_f, scratch);
       }
     });

@@ -11,7 +11,11 @@
 // values are scattered; race freedom and determinism come from the task layout: tasks are
 // blocks of 2k-2 rows of one dilation group along the outermost non-trivial axis, and blocks
 // of even then odd index run in two phases, so two tasks that run together never touch the
-// same key. The rpb gradient is accumulated per task and summed in task order.
+// same key. The rpb gradient is accumulated per task and summed in task order. Inside a task,
+// queries go in register blocks of kQB neighbours along the last axis (dK / dV rows are read
+// and written once per block), and wide maps are walked in column strips to stay in L2.
+// When the last axis is not causal, every query of a row shares one slot list and a table of
+// its rpb values (FixedRow), so the per-query work is only the dot products and sums.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -520,13 +524,20 @@ void run_phased(const Shape3d& s, const TaskGrid& g, const Fn& fn) {
         const int64_t first = (blk * g.block) * d + grp;
         const int64_t last = std::min(((blk + 1) * g.block) * d + grp, s.size[g.axis]);
         if (first >= s.size[g.axis]) continue;
+        // Wide maps are walked in strips of kStrip columns so that the keys (and their
+        // gradient rows) of consecutive query rows stay in the L2 cache.
+        constexpr int64_t kStrip = 32;
         if (g.axis == 2) {
           fn(task, bh, int64_t(0), int64_t(0), first, last, int64_t(d));
         } else if (g.axis == 1) {
-          for (int64_t h = first; h < last; h += d) fn(task, bh, int64_t(0), h, int64_t(0), s.size[2], int64_t(1));
+          for (int64_t ws = 0; ws < s.size[2]; ws += kStrip)
+            for (int64_t h = first; h < last; h += d)
+              fn(task, bh, int64_t(0), h, ws, std::min(ws + kStrip, s.size[2]), int64_t(1));
         } else {
-          for (int64_t t = first; t < last; t += d)
-            for (int64_t h = 0; h < s.size[1]; ++h) fn(task, bh, t, h, int64_t(0), s.size[2], int64_t(1));
+          for (int64_t ws = 0; ws < s.size[2]; ws += kStrip)
+            for (int64_t t = first; t < last; t += d)
+              for (int64_t h = 0; h < s.size[1]; ++h)
+                fn(task, bh, t, h, ws, std::min(ws + kStrip, s.size[2]), int64_t(1));
         }
       }
     });
@@ -557,6 +568,7 @@ struct Scratch {
   // Backward register blocks: kQB queries' p, ds, q, grad_out and scatter coefficients.
   int64_t pstride = 0;
   std::vector<acc_t> bp, bds, bq, bg, ca, cb;
+  FixedRow<acc_t> fixed;
   Scratch(int64_t slots, int64_t dim, int64_t cols = 0)
       : off(slots), bias(slots), slot(slots), a(slots + 8), b(slots + 8), q(dim), q2(dim),
         acc(dim) {
@@ -744,6 +756,7 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
   const Shape3d& s = P.s;
   const int dim = int(s.dim);
   const int64_t bh_stride = s.tokens() * s.dim;
+  FixedRow<acc_t>& fr = sc.fixed;
   build_row(P, t, h, rw);
   const scalar_t* kb = A.k + bh * bh_stride;
   const scalar_t* vb = A.v + bh * bh_stride;
@@ -754,6 +767,8 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
   // Queries are taken in blocks of kQB consecutive members of one dilation group of the last
   // axis: their windows share most key columns, so each key row of dK / dV is read and
   // written once per block instead of once per query.
+  const bool fixed = !s.causal[2];
+  if (fixed) build_fixed(P, rw, rpb, fr);
   const int d2 = s.dilation[2];
   const int64_t ngroups = wstep == d2 ? 1 : std::min<int64_t>(d2, w1 - w0);
   const int64_t gstep = wstep == d2 ? wstep : d2;
@@ -766,7 +781,17 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
       for (int64_t w = wb; w < w1 && nq < kQB; w += gstep, ++nq) {
         win[nq] = axis_window(int(w), int(s.size[2]), s.kernel[2], d2, s.causal[2]);
         const int64_t tok = bh * s.tokens() + (t * s.size[1] + h) * s.size[2] + w;
-        const int n = build_slots(P, rw, w, sc.off.data(), sc.bias.data(), nullptr);
+        int n;
+        const scalar_t *kq = kb, *vq = vb;
+        const int64_t* offp = sc.off.data();
+        if (fixed) {
+          n = fr.n;
+          kq = kb + win[nq].start * s.dim;
+          vq = vb + win[nq].start * s.dim;
+          offp = fr.off.data();
+        } else {
+          n = build_slots(P, rw, w, sc.off.data(), sc.bias.data(), nullptr);
+        }
         const scalar_t* qi = A.q + tok * s.dim;
         const scalar_t* gi = A.dout + tok * s.dim;
         const scalar_t* oi = A.out + tok * s.dim;
@@ -781,16 +806,27 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
         }
         acc_t* p = sc.bp.data() + nq * sc.pstride;
         acc_t* dp = sc.bds.data() + nq * sc.pstride;
-        Ops::dots(sc.acc.data(), kb, sc.off.data(), n, dim, p);
-        Ops::dots(gv, vb, sc.off.data(), n, dim, dp);
-        if (rpb)
-          for (int j = 0; j < n; ++j) p[j] += static_cast<acc_t>(rpb[sc.bias[j]]);
+        if (fixed) {
+          Ops::dots(sc.acc.data(), kq, offp, n, dim, p,
+                    rpb ? fr.bias.data() + int64_t(win[nq].bias_start) * n : nullptr);
+        } else {
+          Ops::dots(sc.acc.data(), kq, offp, n, dim, p);
+          if (rpb)
+            for (int j = 0; j < n; ++j) p[j] += static_cast<acc_t>(rpb[sc.bias[j]]);
+        }
+        Ops::dots(gv, vq, offp, n, dim, dp);
         Ops::exp_shift(p, n, A.lse[tok]);
         for (int j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);  // dp now holds ds
-        if (dbias)
-          for (int j = 0; j < n; ++j) dbias[sc.bias[j]] += dp[j];
+        if (dbias) {
+          if (fixed) {
+            acc_t* db = dbias + win[nq].bias_start;
+            for (int j = 0; j < n; ++j) db[fr.bidx[j]] += dp[j];
+          } else {
+            for (int j = 0; j < n; ++j) dbias[sc.bias[j]] += dp[j];
+          }
+        }
         std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
-        Ops::weighted_sum(dp, kb, sc.off.data(), n, dim, sc.acc.data());
+        Ops::weighted_sum(dp, kq, offp, n, dim, sc.acc.data());
         scalar_t* dqi = A.dq + tok * s.dim;
         for (int d = 0; d < dim; ++d) dqi[d] = static_cast<scalar_t>(sc.acc[d] * P.scale);
         qs[nq] = qv;

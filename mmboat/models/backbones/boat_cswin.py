@@ -16,9 +16,10 @@ from mmengine.model import BaseModule
 
 from mmboat.models.layers.cswin_attention import StripeAttention
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
+from mmboat.models.utils import FrozenStagesMixin, layer_depth
 from mmboat.registry import MODELS
 from .boat_swin import (MLP, DropPath, _check_fsla_blocks, _check_out_indices, _init_module,
-                        _layer_depth, _linear_drop_path, _norms_to_eval, check_arch)
+                        _linear_drop_path, check_arch)
 
 __all__ = ['BOATCSWinTransformer', 'BOATCSWinBlock']
 
@@ -170,7 +171,7 @@ class BOATCSWinBlock(nn.Module):
 
 
 @MODELS.register_module()
-class BOATCSWinTransformer(BaseModule):
+class BOATCSWinTransformer(FrozenStagesMixin, BaseModule):
     """BOAT-CSWin backbone.
 
     CSWin Transformer with a feature-space local attention sub-layer (``norm3``/
@@ -221,6 +222,7 @@ class BOATCSWinTransformer(BaseModule):
                                             stripe_widths=(1, 2, 7, 7))),
     }
     essential_keys = ('embed_dims', 'depths', 'num_heads', 'stripe_widths')
+    stem_name = 'stage1_conv_embed'
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
@@ -254,11 +256,7 @@ class BOATCSWinTransformer(BaseModule):
             raise ValueError(f'depths {self.depths}, num_heads {self.num_heads} and stripe_widths '
                              f'{self.stripe_widths} must have the same length')
         self.out_indices = _check_out_indices(out_indices, self.num_stages)
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], '
-                             f'got {frozen_stages}')
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
+        self._set_freezing(frozen_stages, norm_eval)
         if fsla_blocks is None:
             fsla_blocks = [list(range(0, d, 2)) for d in self.depths]
         self.fsla_blocks = _check_fsla_blocks(fsla_blocks, self.depths)
@@ -310,28 +308,11 @@ class BOATCSWinTransformer(BaseModule):
                 x, hw_shape = getattr(self, f'merge{i + 1}')(x, hw_shape)
         return tuple(outs)
 
-    def _freeze_stages(self) -> None:
-        frozen = []
-        if self.frozen_stages >= 0:
-            frozen.append(self.stage1_conv_embed)
-        for i in range(self.frozen_stages):
-            frozen.append(getattr(self, f'stage{i + 1}'))
-            if i < self.num_stages - 1:
-                frozen.append(getattr(self, f'merge{i + 1}'))
-            if i in self.out_indices:
-                frozen.append(getattr(self, f'norm{i}'))
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'BOATCSWinTransformer':
-        """Set train mode, keeping frozen stages (and norms with ``norm_eval``) in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            _norms_to_eval(self)
-        return self
+    def _stage_modules(self, index: int) -> List[nn.Module]:
+        modules = [getattr(self, f'stage{index + 1}')]
+        if index < self.num_stages - 1:
+            modules.append(getattr(self, f'merge{index + 1}'))
+        return modules
 
     def get_layer_depth(self, param_name: str, prefix: str = '') -> Tuple[int, int]:
         """Layer depth of a parameter, for layer-wise learning-rate decay.
@@ -345,4 +326,5 @@ class BOATCSWinTransformer(BaseModule):
             ``sum(depths[:k-1]) + j + 1``, ``merge{k}`` is the depth of stage k's last block, and
             everything else is the last layer.
         """
-        return _layer_depth(param_name, prefix, self.depths, 'stage1_conv_embed', 'stage')
+        return layer_depth(param_name, prefix, self.depths, 'stage1_conv_embed', 'stage',
+                           'merge')

@@ -18,6 +18,7 @@ from mmengine.model.weight_init import trunc_normal_
 
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
 from mmboat.models.layers.window_attention import ShiftedWindowAttention
+from mmboat.models.utils import FrozenStagesMixin, layer_depth
 from mmboat.registry import MODELS
 
 __all__ = ['BOATSwinTransformer', 'BOATSwinBlock', 'DropPath', 'MLP']
@@ -248,7 +249,7 @@ def check_arch(arch: Union[str, dict], arch_zoo: Dict[str, dict], essential_keys
 
 
 @MODELS.register_module()
-class BOATSwinTransformer(BaseModule):
+class BOATSwinTransformer(FrozenStagesMixin, BaseModule):
     """BOAT-Swin backbone.
 
     Swin Transformer (https://arxiv.org/abs/2103.14030) with a feature-space local attention
@@ -336,11 +337,7 @@ class BOATSwinTransformer(BaseModule):
             raise ValueError(f'depths {self.depths} and num_heads {self.num_heads} must have '
                              'the same length')
         self.out_indices = _check_out_indices(out_indices, self.num_stages)
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], '
-                             f'got {frozen_stages}')
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
+        self._set_freezing(frozen_stages, norm_eval)
         self.window_size = window_size
         self.img_size = _to_pair(img_size)
         if fsla_blocks is None:
@@ -403,26 +400,8 @@ class BOATSwinTransformer(BaseModule):
             hw_shape = next_hw
         return tuple(outs)
 
-    def _freeze_stages(self) -> None:
-        frozen = []
-        if self.frozen_stages >= 0:
-            frozen.append(self.patch_embed)
-        for i in range(self.frozen_stages):
-            frozen.append(self.layers[i])
-            if i in self.out_indices:
-                frozen.append(getattr(self, f'norm{i}'))
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'BOATSwinTransformer':
-        """Set train mode, keeping frozen stages (and norms with ``norm_eval``) in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            _norms_to_eval(self)
-        return self
+    def _stage_modules(self, index: int) -> List[nn.Module]:
+        return [self.layers[index]]  # a stage holds its downsampler
 
     def get_layer_depth(self, param_name: str, prefix: str = '') -> Tuple[int, int]:
         """Layer depth of a parameter, for layer-wise learning-rate decay.
@@ -436,7 +415,7 @@ class BOATSwinTransformer(BaseModule):
             ``sum(depths[:i]) + j + 1``, a downsampler is the depth of its stage's last block, and
             everything else (output norms, head, other modules) is the last layer.
         """
-        return _layer_depth(param_name, prefix, self.depths, 'patch_embed', 'layers')
+        return layer_depth(param_name, prefix, self.depths, 'patch_embed', 'layers')
 
 
 def _linear_drop_path(drop_path_rate: float, num_blocks: int) -> List[float]:
@@ -479,35 +458,3 @@ def _init_module(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-
-
-def _norms_to_eval(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
-            module.eval()
-
-
-def _layer_depth(param_name: str, prefix: str, depths: Sequence[int], stem: str,
-                 stage_prefix: str) -> Tuple[int, int]:
-    """Shared layer-depth rule; ``stage_prefix`` is ``'layers'`` (``layers.{i}.blocks.{j}``) or
-    ``'stage'`` (``stage{k}.{j}`` / ``merge{k}``, k from 1)."""
-    num_layers = sum(depths) + 2
-    if not param_name.startswith(prefix):
-        return num_layers - 1, num_layers
-    name = param_name[len(prefix):]
-    parts = name.split('.')
-    if name.startswith(stem):
-        return 0, num_layers
-    if stage_prefix == 'layers' and parts[0] == 'layers':
-        i = int(parts[1])
-        if parts[2] == 'blocks':
-            return sum(depths[:i]) + int(parts[3]) + 1, num_layers
-        return sum(depths[:i + 1]), num_layers
-    if stage_prefix == 'stage':
-        head = parts[0]
-        if head.startswith('stage') and head[5:].isdigit():
-            i = int(head[5:]) - 1
-            return sum(depths[:i]) + int(parts[1]) + 1, num_layers
-        if head.startswith('merge') and head[5:].isdigit():
-            return sum(depths[:int(head[5:])]), num_layers
-    return num_layers - 1, num_layers

@@ -6,10 +6,9 @@ import torch
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmboat.models.layers.neighborhood_attention import NeighborhoodAttention2d
-from mmboat.models.utils import DropPath
+from mmboat.models.utils import DropPath, FrozenStagesMixin, layer_depth
 from mmboat.registry import MODELS
 
 __all__ = ['NAT', 'DiNAT', 'NATBlock', 'NATLevel', 'DILATION_SCHEDULES', 'resolve_dilations']
@@ -245,7 +244,7 @@ class NATLevel(nn.Module):
 
 
 @MODELS.register_module()
-class NAT(BaseModule):
+class NAT(FrozenStagesMixin, BaseModule):
     """Neighborhood Attention Transformer.
 
     `Neighborhood Attention Transformer <https://arxiv.org/abs/2204.07143>`_ (CVPR 2023).
@@ -366,11 +365,7 @@ class NAT(BaseModule):
                                  f'{self.num_stages} stages')
             normalized.append(index % self.num_stages)
         self.out_indices = tuple(sorted(set(normalized)))
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], got '
-                             f'{frozen_stages}')
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
+        self._set_freezing(frozen_stages, norm_eval)
         self.with_cp = with_cp
 
         self.patch_embed = ConvTokenizer(in_channels, self.embed_dims)
@@ -426,27 +421,8 @@ class NAT(BaseModule):
             if name.endswith('attn.rpb'):
                 nn.init.trunc_normal_(param, std=.02, a=-2., b=2.)
 
-    def _freeze_stages(self) -> None:
-        frozen: List[nn.Module] = []
-        if self.frozen_stages >= 0:
-            frozen.append(self.patch_embed)
-        for i in range(min(self.frozen_stages, self.num_stages)):
-            frozen.append(self.levels[i])
-            if i in self.out_indices:
-                frozen.append(getattr(self, f'norm{i}'))
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'NAT':
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, (nn.LayerNorm, nn.GroupNorm, _BatchNorm)):
-                    module.eval()
-        return self
+    def _stage_modules(self, index: int) -> List[nn.Module]:
+        return [self.levels[index]]  # a level holds its downsampler
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Args: x ``[B, in_channels, H, W]``. Returns one ``[B, C_i, H_i, W_i]`` per out index
@@ -476,19 +452,7 @@ class NAT(BaseModule):
             tuple[int, int]: The layer depth and the total number of layers
             (``sum(depths) + 2``).
         """
-        num_layers = self.num_layers + 2
-        if not param_name.startswith(prefix):
-            return num_layers - 1, num_layers
-        name = param_name[len(prefix):]
-        parts = name.split('.')
-        if parts[0] == 'patch_embed':
-            return 0, num_layers
-        if parts[0] == 'levels' and len(parts) > 2:
-            stage = int(parts[1])
-            if parts[2] == 'blocks':
-                return sum(self.depths[:stage]) + int(parts[3]) + 1, num_layers
-            return sum(self.depths[:stage + 1]), num_layers  # downsample
-        return num_layers - 1, num_layers
+        return layer_depth(param_name, prefix, self.depths, 'patch_embed', 'levels')
 
 
 @MODELS.register_module()

@@ -2,3 +2,6 @@
 from .drop_path import DropPath, drop_path
 
 __all__ = ['DropPath', 'drop_path']
+from .backbone import FrozenStagesMixin, freeze_modules, layer_depth, set_norms_eval
+
+__all__ += ['FrozenStagesMixin', 'freeze_modules', 'layer_depth', 'set_norms_eval']

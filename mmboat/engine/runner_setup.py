@@ -1,0 +1,162 @@
+"""The setup shared by ``tools/train.py`` and ``tools/test.py``.
+
+Both tools parse the same launcher flags, apply mmboat's stack fixes and a CPU thread budget
+before anything imports mmdet/mmseg/mmpretrain, load a config with ``--cfg-options`` and the
+``work_dir`` rule of the downstream tools, register the downstream library named by the config's
+``default_scope`` plus mmboat's backbones, make mmengine's DDP wrapper work on CPU and build the
+runner.
+
+Importing this module is light: mmengine, torch and the downstream libraries are imported inside
+the functions that need them.
+"""
+import argparse
+import importlib
+import os
+import os.path as osp
+from typing import Dict, List, Optional
+
+__all__ = [
+    'SCOPES', 'add_launcher_args', 'export_local_rank', 'prepare_environment', 'load_config',
+    'register_downstream', 'setup_cpu_ddp', 'register_modules', 'build_runner',
+    'parse_with_launcher_args'
+]
+
+# Downstream package per config ``default_scope``.
+SCOPES: Dict[str, str] = {'mmdet': 'mmdet', 'mmseg': 'mmseg', 'mmpretrain': 'mmpretrain'}
+
+
+def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--cfg-options``, ``--launcher`` and ``--local_rank``/``--local-rank``.
+
+    Args:
+        parser (argparse.ArgumentParser): The tool's parser.
+
+    Returns:
+        argparse.ArgumentParser: ``parser``.
+    """
+    from mmengine.config import DictAction
+
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override settings in the config, key=value pairs in xxx=yyy format')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank; older launchers --local_rank.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser
+
+
+def export_local_rank(args: argparse.Namespace) -> argparse.Namespace:
+    """Set ``LOCAL_RANK`` from ``--local_rank`` unless the launcher already set it."""
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def prepare_environment(launcher: str) -> None:
+    """Apply mmboat's stack fixes and one CPU thread budget per process.
+
+    Call it before importing mmdet/mmseg/mmpretrain models.
+
+    Args:
+        launcher (str): ``'none'`` for one process; otherwise ``WORLD_SIZE`` processes share the
+            machine.
+    """
+    from mmboat.utils import apply_stack_fixes, limit_cpu_threads
+
+    apply_stack_fixes()
+    world_size = int(os.environ.get('WORLD_SIZE', 1)) if launcher != 'none' else 1
+    limit_cpu_threads(world_size=world_size)
+
+
+def load_config(config: str,
+                launcher: str,
+                cfg_options: Optional[dict] = None,
+                work_dir: Optional[str] = None):
+    """Load ``config``, set its launcher, merge ``cfg_options`` and settle ``work_dir``.
+
+    ``work_dir`` priority: the argument > the config > ``./work_dirs/<config name>``.
+
+    Args:
+        config (str): The config file.
+        launcher (str): The ``--launcher`` value.
+        cfg_options (dict, optional): ``--cfg-options`` overrides. Defaults to None.
+        work_dir (str, optional): The ``--work-dir`` value. Defaults to None.
+
+    Returns:
+        mmengine.config.Config: The config.
+    """
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(config)
+    cfg.launcher = launcher
+    if cfg_options is not None:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
+    return cfg
+
+
+def register_downstream(cfg) -> str:
+    """Register the modules of the library named by the config's ``default_scope``.
+
+    Returns:
+        str: the scope.
+    """
+    scope = cfg.get('default_scope', None)
+    if scope not in SCOPES:
+        raise ValueError(
+            f'config default_scope must be one of {sorted(SCOPES)} (mmboat plugs into those '
+            f"libraries; keep the downstream scope, not 'mmboat'), got {scope!r}")
+    try:
+        utils = importlib.import_module(f'{SCOPES[scope]}.utils')
+    except ImportError as exc:
+        raise ImportError(f'the config needs {SCOPES[scope]} (default_scope={scope!r}), which '
+                          f'could not be imported: {exc}') from exc
+    utils.register_all_modules(init_default_scope=False)
+    return scope
+
+
+def setup_cpu_ddp(cfg) -> None:
+    """Make mmengine's DDP wrapper work on CPU (gloo): ``device_ids`` must be None there."""
+    import torch
+
+    if cfg.launcher == 'none' or torch.cuda.is_available():
+        return
+    wrapper = cfg.get('model_wrapper_cfg', None)
+    if wrapper is None:
+        wrapper = dict(type='MMDistributedDataParallel', broadcast_buffers=False,
+                       find_unused_parameters=cfg.get('find_unused_parameters', False))
+    wrapper.setdefault('device_ids', None)
+    cfg.model_wrapper_cfg = wrapper
+
+
+def register_modules(cfg) -> str:
+    """:func:`setup_cpu_ddp`, :func:`register_downstream` and mmboat's backbones.
+
+    Returns:
+        str: the config's scope.
+    """
+    setup_cpu_ddp(cfg)
+    scope = register_downstream(cfg)
+    import mmboat.models  # noqa: F401  (registers mmboat's backbones)
+    return scope
+
+
+def build_runner(cfg):
+    """``Runner.from_cfg(cfg)``, or the config's ``runner_type`` from ``RUNNERS``."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    if 'runner_type' not in cfg:
+        return Runner.from_cfg(cfg)
+    return RUNNERS.build(cfg)
+
+
+def parse_with_launcher_args(parser: argparse.ArgumentParser,
+                             argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Add the launcher flags to ``parser``, parse ``argv`` and export ``LOCAL_RANK``."""
+    add_launcher_args(parser)
+    return export_local_rank(parser.parse_args(argv))

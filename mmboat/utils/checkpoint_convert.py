@@ -1,0 +1,152 @@
+"""Shared pieces of the released-checkpoint converters in ``tools/model_converters/``.
+
+Every converter loads a released checkpoint weights-only (a ``--trust-checkpoint`` flag unpickles
+it fully), picks the weights out of the wrapper dict, strips DataParallel's ``module.`` prefix,
+renames keys (its own business) and saves ``{'state_dict': {name: Tensor}, 'meta': {...}}`` with
+plain, contiguous tensors, so that the output loads with ``torch.load(path, weights_only=True)``.
+
+Only ``torch`` is imported here.
+"""
+import argparse
+import os
+import re
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    'load_official_checkpoint', 'extract_state_dict', 'plain_tensors', 'stage_block_layout',
+    'save_converted', 'add_common_args'
+]
+
+
+def load_official_checkpoint(path: str, trust_checkpoint: bool = False) -> dict:
+    """Load a released checkpoint on CPU, weights only unless ``trust_checkpoint``.
+
+    Args:
+        path (str): The checkpoint file.
+        trust_checkpoint (bool): Unpickle arbitrary objects (trusted files only).
+            Defaults to False.
+
+    Returns:
+        dict: The loaded checkpoint.
+
+    Raises:
+        RuntimeError: The file holds pickled objects besides tensors and ``trust_checkpoint`` is
+            off; the message names the ``--trust-checkpoint`` flag.
+    """
+    try:
+        return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
+    except Exception as exc:  # UnpicklingError names the offending global (timm saves args)
+        if trust_checkpoint:
+            raise
+        raise RuntimeError(
+            f'{path} holds pickled objects besides tensors ({type(exc).__name__}: {exc}). '
+            'If you trust its source, rerun with --trust-checkpoint to unpickle it fully.'
+        ) from exc
+
+
+def extract_state_dict(checkpoint: dict,
+                       keys: Sequence[str],
+                       use_ema: bool = False,
+                       ema_key: str = 'state_dict_ema') -> Dict[str, Tensor]:
+    """Pick the weights out of a checkpoint: its tensors, without ``module.`` prefixes.
+
+    Args:
+        checkpoint (dict): A loaded checkpoint.
+        keys (Sequence[str]): Wrapper keys tried in order (the first one holding a dict wins);
+            the checkpoint itself is the state dict when none does.
+        use_ema (bool): Take ``checkpoint[ema_key]`` instead. Defaults to False.
+        ema_key (str): The key of the EMA weights. Defaults to ``'state_dict_ema'``.
+
+    Returns:
+        Dict[str, Tensor]: The tensors (non-tensor entries are dropped), in checkpoint order.
+    """
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f'expected a dict checkpoint, got {type(checkpoint).__name__}')
+    if use_ema:
+        if not isinstance(checkpoint.get(ema_key), dict):
+            raise KeyError(f'--ema: the checkpoint has no "{ema_key}"; keys are '
+                           f'{sorted(checkpoint)}')
+        state_dict = checkpoint[ema_key]
+    else:
+        state_dict = checkpoint
+        for key in keys:
+            if isinstance(checkpoint.get(key), dict):
+                state_dict = checkpoint[key]
+                break
+    result = OrderedDict()
+    for name, value in state_dict.items():
+        if isinstance(value, Tensor):
+            result[name[len('module.'):] if name.startswith('module.') else name] = value
+    return result
+
+
+def plain_tensors(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Detached, contiguous copies (no views into the source's storage, no autograd history)."""
+    return OrderedDict((name, value.detach().clone().contiguous())
+                       for name, value in state_dict.items())
+
+
+def stage_block_layout(state_dict: Dict[str, Tensor], pattern: str,
+                       marker: str) -> Tuple[List[int], List[int], List[List[int]]]:
+    """Stages, blocks per stage and the blocks holding ``marker``, read from the key names.
+
+    Args:
+        state_dict (Dict[str, Tensor]): The weights.
+        pattern (str): A regex matched at the start of each key, with groups (stage index,
+            block index, the block's first sub-module name).
+        marker (str): The sub-module name that marks a block (e.g. its FSLA attention).
+
+    Returns:
+        tuple: The sorted stage indices, the depth of each stage (highest block index + 1) and
+        the sorted indices of the blocks holding ``marker`` in each stage.
+    """
+    blocks: Dict[int, set] = {}
+    marked: Dict[int, set] = {}
+    regex = re.compile(pattern)
+    for name in state_dict:
+        match = regex.match(name)
+        if match:
+            i, j = int(match.group(1)), int(match.group(2))
+            blocks.setdefault(i, set()).add(j)
+            if match.group(3) == marker:
+                marked.setdefault(i, set()).add(j)
+    stages = sorted(blocks)
+    return (stages, [max(blocks[i]) + 1 for i in stages],
+            [sorted(marked.get(i, ())) for i in stages])
+
+
+def save_converted(state_dict: Dict[str, Tensor], meta: dict, path: str) -> None:
+    """Save ``{'state_dict': state_dict, 'meta': meta}`` to ``path``, creating its folder.
+
+    Args:
+        state_dict (Dict[str, Tensor]): Converted weights (plain tensors).
+        meta (dict): ``str`` keys to ``str``/``int`` values describing the conversion.
+        path (str): The output file.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({'state_dict': state_dict, 'meta': meta}, path)
+
+
+def add_common_args(parser: argparse.ArgumentParser,
+                    ema_help: Optional[str] = None) -> argparse.ArgumentParser:
+    """Add ``src``, ``dst``, ``--ema`` (only with ``ema_help``) and ``--trust-checkpoint``.
+
+    Args:
+        parser (argparse.ArgumentParser): The converter's parser.
+        ema_help (str, optional): Help of the ``--ema`` flag; no flag when None.
+            Defaults to None.
+
+    Returns:
+        argparse.ArgumentParser: ``parser``.
+    """
+    parser.add_argument('src', help='released checkpoint')
+    parser.add_argument('dst', help='output path')
+    if ema_help is not None:
+        parser.add_argument('--ema', action='store_true', help=ema_help)
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='unpickle non-tensor objects in the source (trusted files only)')
+    return parser
