@@ -1,40 +1,4 @@
-_base_ = [
-    'mmpretrain::_base_/datasets/imagenet_bs64_swin_224.py',
-    'mmpretrain::_base_/schedules/imagenet_bs1024_adamw_swin.py',
-    'mmpretrain::_base_/default_runtime.py',
-]
-custom_imports = dict(imports=['mmboat.models'], allow_failed_imports=False)
+_base_ = ['../nat/nat-small_8xb128_in1k.py']
 
-# DiNAT-Small: ImageNet-1K, 224x224, 300 epochs, AdamW lr 1e-3 (batch 1024), wd 0.05,
-# 20 warm-up epochs, cosine (the schedule base). The released `norm` is `backbone.norm3` here.
-model = dict(
-    type='ImageClassifier',
-    backbone=dict(
-        type='mmboat.DiNAT', arch='small', out_indices=(3, ), drop_path_rate=0.3, dilations='imagenet'),
-    neck=dict(type='GlobalAveragePooling'),
-    head=dict(
-        type='LinearClsHead',
-        num_classes=1000,
-        in_channels=768,
-        init_cfg=None,
-        loss=dict(type='LabelSmoothLoss', label_smooth_val=0.1, mode='original'),
-        cal_acc=False),
-    init_cfg=[
-        dict(type='TruncNormal', layer='Linear', std=0.02, bias=0.),
-        dict(type='Constant', layer='LayerNorm', val=1., bias=0.)
-    ],
-    train_cfg=dict(augments=[dict(type='Mixup', alpha=0.8), dict(type='CutMix', alpha=1.0)]),
-)
-
-# 8 GPUs x 128 images
-train_dataloader = dict(batch_size=128)
-val_dataloader = dict(batch_size=128)
-test_dataloader = val_dataloader
-
-optim_wrapper = dict(
-    paramwise_cfg=dict(
-        _delete_=True,
-        norm_decay_mult=0.0,
-        bias_decay_mult=0.0,
-        flat_decay_mult=0.0,
-        custom_keys={'.rpb': dict(decay_mult=0.0)}))
+# DiNAT-Small: the NAT-Small recipe with dilated NA in alternating blocks (ImageNet schedule).
+model = dict(backbone=dict(type='mmboat.DiNAT', dilations='imagenet'))
