@@ -1,23 +1,10 @@
-_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py']
-custom_imports = dict(imports=['mmboat.models'], allow_failed_imports=False)
+_base_ = ['./mask-rcnn_boat-swin-tiny_fpn_1x_coco.py']
 
-# ImageNet-1K classification weights converted with tools/model_converters/boat_swin_to_mmboat.py
+# The base arch on the tiny recipe; only what differs is set here.
 pretrained = 'checkpoints/boat-swin-base_in1k_mmboat.pth'
 model = dict(
     backbone=dict(
-        _delete_=True,
-        type='mmboat.BOATSwinTransformer',
         arch='base',
-        out_indices=(0, 1, 2, 3),
         drop_path_rate=0.5,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
+        init_cfg=dict(checkpoint=pretrained)),
     neck=dict(in_channels=[128, 256, 512, 1024]))
-
-# 1x schedule (12 epochs, steps at 8 and 11), single scale;
-# AdamW lr 1e-4, wd 0.05, no decay on position biases and norms.
-optim_wrapper = dict(
-    paramwise_cfg=dict(_delete_=True, custom_keys={
-        'relative_position_bias_table': dict(decay_mult=0.),
-        'norm': dict(decay_mult=0.)
-    }),
-    optimizer=dict(_delete_=True, type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05))
