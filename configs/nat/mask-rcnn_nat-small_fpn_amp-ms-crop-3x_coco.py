@@ -1,24 +1,10 @@
-_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_amp-ms-crop-3x_coco.py']
-custom_imports = dict(imports=['mmboat.models'], allow_failed_imports=False)
+_base_ = ['./mask-rcnn_nat-mini_fpn_amp-ms-crop-3x_coco.py']
 
-# ImageNet-1K classification weights converted with tools/model_converters/nat_to_mmboat.py
+# The small arch on the mini recipe; only what differs is set here.
 pretrained = 'checkpoints/nat-small_in1k_mmboat.pth'
 model = dict(
     backbone=dict(
-        _delete_=True,
-        type='mmboat.NAT',
         arch='small',
-        out_indices=(0, 1, 2, 3),
         drop_path_rate=0.3,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
+        init_cfg=dict(checkpoint=pretrained)),
     neck=dict(in_channels=[96, 192, 384, 768]))
-
-# Swin's 3x recipe (multi-scale + crop, 36 epochs, steps at 27 and 33, mixed precision);
-# AdamW lr 1e-4, wd 0.05, no decay on rpb and norms.
-
-optim_wrapper = dict(
-    type='AmpOptimWrapper',
-    paramwise_cfg=dict(
-        _delete_=True,
-        custom_keys={'.rpb': dict(decay_mult=0.), 'norm': dict(decay_mult=0.)}),
-    optimizer=dict(_delete_=True, type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05))

@@ -1,24 +1,11 @@
-_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
-custom_imports = dict(imports=['mmboat.models'], allow_failed_imports=False)
+_base_ = ['./nat-mini_upernet_8xb2-amp-160k_ade20k-512x512.py']
 
-# ImageNet-1K classification weights converted with tools/model_converters/nat_to_mmboat.py
+# The base arch on the mini recipe; only what differs is set here.
 pretrained = 'checkpoints/nat-base_in1k_mmboat.pth'
 model = dict(
-    pretrained=None,
     backbone=dict(
-        _delete_=True,
-        type='mmboat.NAT',
         arch='base',
-        out_indices=(0, 1, 2, 3),
         drop_path_rate=0.5,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
-    decode_head=dict(in_channels=[128, 256, 512, 1024], num_classes=150),
-    auxiliary_head=dict(in_channels=512, num_classes=150))
-
-# AdamW lr 6e-5, wd 0.01, no decay on rpb and norms, 1500-iteration linear warm-up then poly,
-# 160k iterations, batch 16 (8 GPUs x 2), mixed precision.
-optim_wrapper = dict(
-    _delete_=True,
-    type='AmpOptimWrapper',
-    optimizer=dict(type='AdamW', lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
-    paramwise_cfg=dict(custom_keys={'.rpb': dict(decay_mult=0.), 'norm': dict(decay_mult=0.)}))
+        init_cfg=dict(checkpoint=pretrained)),
+    decode_head=dict(in_channels=[128, 256, 512, 1024]),
+    auxiliary_head=dict(in_channels=512))
