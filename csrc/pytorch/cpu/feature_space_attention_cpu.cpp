@@ -41,7 +41,6 @@ struct SplitScratch {
   std::vector<float> cos0, cos1;  // [n]
   std::vector<uint64_t> keyed, keyed_tmp;  // (sortable score bits << 32 | rank)
   std::vector<int64_t> tokens;   // [n]
-  std::vector<float> raw, nrm;   // [n, d]: the group's features before the reorder
 };
 
 // Maps a score to a uint32 whose unsigned order is bhc::score_less's order: -0 and +0 equal,
@@ -120,13 +119,39 @@ void soft_assign_sums(const float* feats, const float* cos0,
   }
 }
 
+// out[i * ld + t] = x[t * d + i] for t < n, i < d. Blocks of kBlock tokens: the reads stay in
+// kBlock rows (L1) and every store writes kBlock consecutive floats, where a per-token loop
+// scatters single floats ld apart (the clustering's costliest data movement).
+MMBOAT_FSLA_HOT
+void transpose_rows(const float* x, int64_t n, int64_t d, float* out, int64_t ld) {
+  constexpr int64_t kBlock = 16;
+  int64_t t0 = 0;
+  for (; t0 + kBlock <= n; t0 += kBlock) {
+    const float* xb = x + t0 * d;
+    for (int64_t i = 0; i < d; ++i) {
+      float* o = out + i * ld + t0;
+      for (int64_t tt = 0; tt < kBlock; ++tt) o[tt] = xb[tt * d + i];
+    }
+  }
+  for (int64_t t = t0; t < n; ++t)
+    for (int64_t i = 0; i < d; ++i) out[i * ld + t] = x[t * d + i];
+}
+
 // Splits one group: `order[0..n)` are token ids in the group's current order and feats/feats_n
 // their features ([n, d], same order); on return the first floor(n/2) are child 0 and the rest
-// child 1, each in ascending score order, and feats/feats_n are reordered alike (so every level
-// reads its group contiguously instead of gathering tokens from all over the row).
-void split_group(float* feats, float* feats_n, int64_t d, int64_t* order, int64_t n,
-                 int64_t iters, float tau, SplitScratch& s) {
-  if (n < 2) return;  // a single token (or none) stays where it is
+// child 1, each in ascending score order. When out_feats is set, the features are written there
+// in the new order (so the next level reads its groups contiguously instead of gathering tokens
+// from all over the row; the levels alternate between two buffers).
+void split_group(const float* feats, const float* feats_n, float* out_feats, float* out_feats_n,
+                 int64_t d, int64_t* order, int64_t n, int64_t iters, float tau,
+                 SplitScratch& s) {
+  if (n < 2) {  // a single token (or none) stays where it is
+    if (out_feats && n == 1) {
+      std::memcpy(out_feats, feats, d * sizeof(float));
+      std::memcpy(out_feats_n, feats_n, d * sizeof(float));
+    }
+    return;
+  }
   const int64_t half = n / 2;
   s.centroids.assign(2 * d, 0.f);
   float* c0 = s.centroids.data();
@@ -148,10 +173,7 @@ void split_group(float* feats, float* feats_n, int64_t d, int64_t* order, int64_
   // transposing stores thrash when n is a multiple of 1024).
   const int64_t ld = ((n + 15) & ~int64_t(15)) + 16;
   s.feats_t.resize(d * ld);
-  for (int64_t t = 0; t < n; ++t) {
-    const float* xn = feats_n + t * d;
-    for (int64_t i = 0; i < d; ++i) s.feats_t[i * ld + t] = xn[i];
-  }
+  transpose_rows(feats_n, n, d, s.feats_t.data(), ld);
   s.cos0.resize(n);
   s.cos1.resize(n);
   for (int64_t it = 0; it < iters; ++it) {
@@ -167,13 +189,13 @@ void split_group(float* feats, float* feats_n, int64_t d, int64_t* order, int64_
                  uint64_t(t);
   sort_keys(s.keyed, s.keyed_tmp);
   s.tokens.assign(order, order + n);
-  s.raw.assign(feats, feats + n * d);
-  s.nrm.assign(feats_n, feats_n + n * d);
   for (int64_t t = 0; t < n; ++t) {
     const int64_t src = static_cast<int64_t>(s.keyed[t] & 0xFFFFFFFFu);
     order[t] = s.tokens[src];
-    std::memcpy(feats + t * d, s.raw.data() + src * d, d * sizeof(float));
-    std::memcpy(feats_n + t * d, s.nrm.data() + src * d, d * sizeof(float));
+    if (out_feats) {
+      std::memcpy(out_feats + t * d, feats + src * d, d * sizeof(float));
+      std::memcpy(out_feats_n + t * d, feats_n + src * d, d * sizeof(float));
+    }
   }
 }
 
@@ -190,6 +212,12 @@ std::tuple<at::Tensor, at::Tensor> bhc_cluster_cpu(const at::Tensor& x_in, int64
   at::Tensor x_n = at::empty_like(x);
   float* feats = x_w.data_ptr<float>();
   float* feats_n = x_n.data_ptr<float>();
+  // Second pair the levels write their reordered features to (then the pairs swap).
+  const int levels = bhc::num_levels(n, cluster_size);
+  at::Tensor y_w = levels > 1 ? at::empty_like(x) : at::Tensor();
+  at::Tensor y_n = levels > 1 ? at::empty_like(x) : at::Tensor();
+  float* next = levels > 1 ? y_w.data_ptr<float>() : nullptr;
+  float* next_n = levels > 1 ? y_n.data_ptr<float>() : nullptr;
   at::parallel_for(0, rows * n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       std::copy(feats + t * d, feats + (t + 1) * d, feats_n + t * d);
@@ -201,20 +229,25 @@ std::tuple<at::Tensor, at::Tensor> bhc_cluster_cpu(const at::Tensor& x_in, int64
   at::parallel_for(0, rows * n, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) order[t] = t % n;
   });
-  const int levels = bhc::num_levels(n, cluster_size);
   const float tau_f = static_cast<float>(tau);
   for (int level = 0; level < levels; ++level) {
     const int64_t groups = int64_t(1) << level;
+    const bool last = level + 1 == levels;  // its features are not read again
     at::parallel_for(0, rows * groups, 1, [&](int64_t begin, int64_t end) {
       SplitScratch scratch;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row = task / groups, group = task % groups;
         const Extent e = bhc::group_extent(n, level, group);
-        split_group(feats + (row * n + e.offset) * d, feats_n + (row * n + e.offset) * d, d,
-                    order + row * n + e.offset,
-                    e.size, iters, tau_f, scratch);
+        const int64_t at = (row * n + e.offset) * d;
+        split_group(feats + at, feats_n + at, last ? nullptr : next + at,
+                    last ? nullptr : next_n + at, d, order + row * n + e.offset, e.size, iters,
+                    tau_f, scratch);
       }
     });
+    if (!last) {
+      std::swap(feats, next);
+      std::swap(feats_n, next_n);
+    }
   }
   at::Tensor inv_perm = at::empty_like(perm);
   int64_t* inv = inv_perm.data_ptr<int64_t>();

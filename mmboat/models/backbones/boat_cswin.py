@@ -16,9 +16,9 @@ from mmengine.model import BaseModule
 
 from mmboat.models.layers.cswin_attention import StripeAttention
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
-from mmboat.models.utils import FrozenStagesMixin, layer_depth
+from mmboat.models.utils import DropPath, FrozenStagesMixin, layer_depth
 from mmboat.registry import MODELS
-from .boat_swin import (MLP, DropPath, _check_fsla_blocks, _check_out_indices, _init_module,
+from .boat_swin import (MLP, _check_fsla_blocks, _check_out_indices, _init_module,
                         _linear_drop_path, check_arch)
 
 __all__ = ['BOATCSWinTransformer', 'BOATCSWinBlock']

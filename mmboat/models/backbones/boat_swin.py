@@ -18,34 +18,10 @@ from mmengine.model.weight_init import trunc_normal_
 
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
 from mmboat.models.layers.window_attention import ShiftedWindowAttention
-from mmboat.models.utils import FrozenStagesMixin, layer_depth
+from mmboat.models.utils import DropPath, FrozenStagesMixin, layer_depth
 from mmboat.registry import MODELS
 
-__all__ = ['BOATSwinTransformer', 'BOATSwinBlock', 'DropPath', 'MLP']
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample while training.
-
-    Args:
-        drop_prob: probability of dropping the branch. Defaults to 0.
-    """
-
-    def __init__(self, drop_prob: float = 0.) -> None:
-        super().__init__()
-        if not 0 <= drop_prob < 1:
-            raise ValueError(f'drop_prob must be in [0, 1), got {drop_prob}')
-        self.drop_prob = drop_prob
-
-    def extra_repr(self) -> str:
-        return f'drop_prob={self.drop_prob}'
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0. or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+__all__ = ['BOATSwinTransformer', 'BOATSwinBlock', 'MLP']
 
 
 class MLP(nn.Module):
