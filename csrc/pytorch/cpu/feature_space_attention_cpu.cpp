@@ -207,23 +207,28 @@ std::tuple<at::Tensor, at::Tensor> bhc_cluster_cpu(const at::Tensor& x_in, int64
   const int64_t batch = x.size(0), heads = x.size(1), n = x.size(2), d = x.size(3);
   const int64_t rows = batch * heads;
   // Token features L2-normalised once (the formula needs them at every level).
-  // Working copies kept in perm order (x may alias the caller's tensor: never written).
-  at::Tensor x_w = x.clone();
   at::Tensor x_n = at::empty_like(x);
-  float* feats = x_w.data_ptr<float>();
-  float* feats_n = x_n.data_ptr<float>();
-  // Second pair the levels write their reordered features to (then the pairs swap).
-  const int levels = bhc::num_levels(n, cluster_size);
-  at::Tensor y_w = levels > 1 ? at::empty_like(x) : at::Tensor();
-  at::Tensor y_n = levels > 1 ? at::empty_like(x) : at::Tensor();
-  float* next = levels > 1 ? y_w.data_ptr<float>() : nullptr;
-  float* next_n = levels > 1 ? y_n.data_ptr<float>() : nullptr;
+  float* x_n_data = x_n.data_ptr<float>();
+  const float* x_data = x.data_ptr<float>();
   at::parallel_for(0, rows * n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      std::copy(feats + t * d, feats + (t + 1) * d, feats_n + t * d);
-      normalise(feats_n + t * d, d);
+      std::copy(x_data + t * d, x_data + (t + 1) * d, x_n_data + t * d);
+      normalise(x_n_data + t * d, d);
     }
   });
+  // Each level reads the features in the current perm order and writes them in the new order
+  // to the other buffer of a pair. Level 0 reads x itself (x may alias the caller's tensor:
+  // it is never written); the normalised pair reuses x_n once level 0 has read it.
+  const int levels = bhc::num_levels(n, cluster_size);
+  at::Tensor raw_a = levels > 1 ? at::empty_like(x) : at::Tensor();
+  at::Tensor raw_b = levels > 2 ? at::empty_like(x) : at::Tensor();
+  at::Tensor nrm_b = levels > 1 ? at::empty_like(x) : at::Tensor();
+  const float* feats = x_data;
+  const float* feats_n = x_n_data;
+  float* next = levels > 1 ? raw_a.data_ptr<float>() : nullptr;
+  float* other = levels > 2 ? raw_b.data_ptr<float>() : nullptr;
+  float* next_n = levels > 1 ? nrm_b.data_ptr<float>() : nullptr;
+  float* other_n = x_n_data;
   at::Tensor perm = at::empty({batch, heads, n}, x.options().dtype(at::kLong));
   int64_t* order = perm.data_ptr<int64_t>();
   at::parallel_for(0, rows * n, 4096, [&](int64_t begin, int64_t end) {
@@ -245,8 +250,10 @@ std::tuple<at::Tensor, at::Tensor> bhc_cluster_cpu(const at::Tensor& x_in, int64
       }
     });
     if (!last) {
-      std::swap(feats, next);
-      std::swap(feats_n, next_n);
+      feats = next;
+      feats_n = next_n;
+      std::swap(next, other);
+      std::swap(next_n, other_n);
     }
   }
   at::Tensor inv_perm = at::empty_like(perm);
