@@ -3,7 +3,9 @@
 Times, per map size and implementation (compiled ``ext`` vs pure-PyTorch ``reference``):
 the clustering, the clustered attention, a whole FSLA layer (qkv + clustering + attention +
 depthwise conv on v + proj), a Swin 7x7 window-attention layer of the same width and a global
-attention layer. Forward only, no grad, best of the repeats.
+attention layer. Forward only, no grad. The timings of one map size are interleaved (every
+round runs each candidate once, in turn) and each keeps its best round, so the ratios are
+measured side by side even when the machine's load drifts.
 
 Example:
     python tools/analysis_tools/fsla_benchmark.py              # 28x28, 56x56, 128x128
@@ -22,7 +24,10 @@ from mmboat.ops import balanced_hierarchical_clustering, clustered_attention, ha
 
 
 class FSLALayer(nn.Module):
-    """FSLA module as BOAT defines it (qkv, clustering, clustered attention, get_v, proj)."""
+    """FSLA module as BOAT defines it (qkv, clustering, clustered attention, get_v, proj).
+
+    ``last_clustering_s`` is the time its last forward spent in the clustering.
+    """
 
     def __init__(self, channels: int, num_heads: int, cluster_size: int, overlap: int,
                  impl: Optional[str]) -> None:
@@ -39,7 +44,9 @@ class FSLALayer(nn.Module):
         batch, tokens, channels = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        start = time.perf_counter()
         perm, _ = balanced_hierarchical_clustering(q, self.cluster_size, impl=self.impl)
+        self.last_clustering_s = time.perf_counter() - start
         out = clustered_attention(q, k, v, perm, self.cluster_size, self.overlap, impl=self.impl)
         out = out.transpose(1, 2).reshape(batch, tokens, channels)
         v_map = v.transpose(1, 2).reshape(batch, hw[0], hw[1], channels).permute(0, 3, 1, 2)
@@ -97,16 +104,20 @@ class GlobalAttentionLayer(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
 
 
-def _time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Best of ``repeats`` (robust on a shared machine), in milliseconds."""
+def _time_ms_interleaved(fns: Dict[str, Callable[[], object]], warmup: int,
+                        repeats: int) -> Dict[str, List[float]]:
+    """Per function, its time in each of ``repeats`` rounds, in milliseconds; every round calls
+    each function once, in turn, so slow spells on a shared machine hit all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 def fsla_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
@@ -124,19 +135,36 @@ def fsla_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
             x = torch.randn(args.batch, tokens, ch)
             q, k, v = torch.randn(3, args.batch, heads, tokens, ch // heads).unbind(0)
             window = WindowAttentionLayer(ch, heads, args.window).eval()
-            window_ms = _time_ms(lambda: window(x, hw), args.warmup, args.repeats)
-            global_ms = float('nan')
+            fns: Dict[str, Callable[[], object]] = {'window': lambda: window(x, hw)}
+            in_layer: Dict[str, List[float]] = {impl: [] for impl in impls}
             if tokens <= args.global_max_tokens:
                 glob = GlobalAttentionLayer(ch, heads).eval()
-                global_ms = _time_ms(lambda: glob(x, hw), args.warmup, args.repeats)
+                fns['global'] = lambda: glob(x, hw)
             for impl in impls:
                 perm, _ = balanced_hierarchical_clustering(q, m, impl=impl)
-                cluster_ms = _time_ms(lambda: balanced_hierarchical_clustering(q, m, impl=impl),
-                                      args.warmup, args.repeats)
-                attn_ms = _time_ms(lambda: clustered_attention(q, k, v, perm, m, o, impl=impl),
-                                   args.warmup, args.repeats)
                 layer = FSLALayer(ch, heads, m, o, impl).eval()
-                layer_ms = _time_ms(lambda: layer(x, hw), args.warmup, args.repeats)
+                fns[f'{impl}/clustering'] = (
+                    lambda impl=impl: balanced_hierarchical_clustering(q, m, impl=impl))
+                fns[f'{impl}/attention'] = (
+                    lambda impl=impl, perm=perm: clustered_attention(q, k, v, perm, m, o,
+                                                                     impl=impl))
+
+                def run_layer(impl=impl, layer=layer):
+                    layer(x, hw)
+                    in_layer[impl].append(1e3 * layer.last_clustering_s)
+
+                fns[f'{impl}/layer'] = run_layer
+            times = _time_ms_interleaved(fns, args.warmup, args.repeats)
+            best = {name: min(t) for name, t in times.items()}
+            window_ms, global_ms = best['window'], best.get('global', float('nan'))
+            for impl in impls:
+                cluster_ms, attn_ms = best[f'{impl}/clustering'], best[f'{impl}/attention']
+                # The share is taken inside the layer's best round: the clustering as the layer
+                # runs it (q just written by qkv), not a cold standalone call.
+                layer_times = times[f'{impl}/layer']
+                round_ = layer_times.index(min(layer_times))
+                layer_ms = layer_times[round_]
+                share = in_layer[impl][args.warmup + round_] / layer_ms
                 rows.append({
                     'map': f'{side}x{side}',
                     'tokens': tokens,
@@ -147,7 +175,7 @@ def fsla_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
                     'window_layer_ms': window_ms,
                     'global_layer_ms': global_ms,
                     'fsla_over_window': layer_ms / window_ms,
-                    'clustering_share': cluster_ms / layer_ms,
+                    'clustering_share': share,
                 })
     return rows
 
@@ -190,7 +218,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--window', type=int, default=7)
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--threads', type=int, default=0, help='0 keeps torch default')
     parser.add_argument('--global-max-tokens', type=int, default=3136,
                         help='skip global attention above this many tokens')

@@ -2,7 +2,10 @@
 // Layout rule and per-token formulas: csrc/common/balanced_clustering.h. Parallel (ATen/OpenMP)
 // over (sample * head, group) per clustering level, over (sample * head, leaf) in the attention
 // forward and over (sample * head, sibling pair) in the backward, so no two tasks write the same
-// token.
+// token. float with head_dim 8, 16, ..., 64 runs AVX2+FMA kernels chosen at run time (templates
+// on head_dim / 8, rows in registers, dot products of 8 tokens or keys reduced together, a
+// polynomial exp); everything else runs the generic loops. Both follow the same formulas; their
+// float32 roundings differ, which can only reorder tokens whose split scores tie to ~1e-7.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -11,11 +14,13 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
 
 #include "balanced_clustering.h"
 #include "checks.h"
+#include "cpu/avx2_math.h"
 #include "feature_space_attention.h"
 
 namespace mmboat {
@@ -41,6 +46,9 @@ struct SplitScratch {
   std::vector<float> cos0, cos1;  // [n]
   std::vector<uint64_t> keyed, keyed_tmp;  // (sortable score bits << 32 | rank)
   std::vector<int64_t> tokens;   // [n]
+  std::vector<float> scores;     // [n] split scores (AVX2 path)
+  std::vector<float> tail;       // [8, d] rows + [8] inverse norms: the zero-padded last
+                                 // partial block (AVX2 path)
 };
 
 // Maps a score to a uint32 whose unsigned order is bhc::score_less's order: -0 and +0 equal,
@@ -54,33 +62,51 @@ inline uint32_t sortable_score_bits(float r) {
 }
 
 // Sorts packed (score bits << 32 | rank) keys ascending. The ranks are distinct, so this is
-// exactly a stable sort by score. Small inputs: std::sort; large: LSD radix on the score bits
-// (stable, so ranks stay ascending inside equal scores).
+// exactly a stable sort by score. Small inputs: std::sort; larger: LSD radix on the 4 bytes of
+// the score bits (stable, so ranks stay ascending inside equal scores), the 4 histograms counted
+// in one read and a byte that every key shares skipped.
 void sort_keys(std::vector<uint64_t>& keys, std::vector<uint64_t>& tmp) {
   const size_t n = keys.size();
-  if (n < 512) {
+  if (n < 64) {
     std::sort(keys.begin(), keys.end());
     return;
   }
   tmp.resize(n);
   uint64_t* src = keys.data();
   uint64_t* dst = tmp.data();
+  uint32_t count[4][256] = {};
+  for (size_t t = 0; t < n; ++t) {
+    const uint32_t b = static_cast<uint32_t>(src[t] >> 32);
+    ++count[0][b & 0xFF];
+    ++count[1][(b >> 8) & 0xFF];
+    ++count[2][(b >> 16) & 0xFF];
+    ++count[3][b >> 24];
+  }
   for (int pass = 0; pass < 4; ++pass) {
     const int shift = 32 + 8 * pass;
-    size_t count[257] = {0};
-    for (size_t t = 0; t < n; ++t) ++count[((src[t] >> shift) & 0xFF) + 1];
-    if (count[((src[0] >> shift) & 0xFF) + 1] == n) continue;  // all equal in this digit
-    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
-    for (size_t t = 0; t < n; ++t) dst[count[(src[t] >> shift) & 0xFF]++] = src[t];
+    uint32_t* c = count[pass];
+    if (c[(src[0] >> shift) & 0xFF] == n) continue;  // all equal in this byte
+    uint32_t offset = 0;
+    for (int b = 0; b < 256; ++b) {
+      const uint32_t k = c[b];
+      c[b] = offset;
+      offset += k;
+    }
+    for (size_t t = 0; t < n; ++t) dst[c[(src[t] >> shift) & 0xFF]++] = src[t];
     std::swap(src, dst);
   }
   if (src != keys.data()) std::memcpy(keys.data(), src, n * sizeof(uint64_t));
 }
 
-inline void normalise(float* c, int64_t d) {
+// 1 / max(|c|, eps): F.normalize's factor.
+inline float inverse_norm(const float* c, int64_t d) {
   float sq = 0.f;
   for (int64_t i = 0; i < d; ++i) sq += c[i] * c[i];
-  const float inv = 1.0f / std::max(std::sqrt(sq), bhc::kNormEps);
+  return 1.0f / std::max(std::sqrt(sq), bhc::kNormEps);
+}
+
+inline void normalise(float* c, int64_t d) {
+  const float inv = inverse_norm(c, d);
   for (int64_t i = 0; i < d; ++i) c[i] *= inv;
 }
 
@@ -102,7 +128,7 @@ void group_cosines(const float* feats_t, int64_t ld, const float* c0, const floa
 
 // sums_j = sum_t a_tj x_t with a = softmax(tau * cos) over the two centroids.
 MMBOAT_FSLA_HOT
-void soft_assign_sums(const float* feats, const float* cos0,
+void soft_assign_sums(const float* feats, int64_t xs, const float* cos0,
                       const float* cos1, int64_t d, int64_t n, float tau, float* sum0,
                       float* sum1) {
   std::fill(sum0, sum0 + d, 0.f);
@@ -111,7 +137,7 @@ void soft_assign_sums(const float* feats, const float* cos0,
   for (int64_t t = 0; t < n; ++t) {
     const float a0 = bhc::soft_assign0(cos0[t], cos1[t], tau, exp_fn);
     const float a1 = 1.0f - a0;
-    const float* x = feats + t * d;
+    const float* x = feats + t * xs;
     for (int64_t i = 0; i < d; ++i) {
       sum0[i] += a0 * x[i];
       sum1[i] += a1 * x[i];
@@ -119,46 +145,71 @@ void soft_assign_sums(const float* feats, const float* cos0,
   }
 }
 
-// out[i * ld + t] = x[t * d + i] for t < n, i < d. Blocks of kBlock tokens: the reads stay in
-// kBlock rows (L1) and every store writes kBlock consecutive floats, where a per-token loop
-// scatters single floats ld apart (the clustering's costliest data movement).
+// out[i * ld + t] = x[t * xs + i] * inv[t] (the normalised features, transposed) for t < n,
+// i < d. Blocks of kBlock tokens: the reads stay in kBlock rows (L1) and every store writes
+// kBlock consecutive floats, where a per-token loop scatters single floats ld apart.
 MMBOAT_FSLA_HOT
-void transpose_rows(const float* x, int64_t n, int64_t d, float* out, int64_t ld) {
+void transpose_rows(const float* x, int64_t xs, const float* inv, int64_t n, int64_t d,
+                    float* out, int64_t ld) {
   constexpr int64_t kBlock = 16;
   int64_t t0 = 0;
   for (; t0 + kBlock <= n; t0 += kBlock) {
-    const float* xb = x + t0 * d;
+    const float* xb = x + t0 * xs;
+    const float* ib = inv + t0;
     for (int64_t i = 0; i < d; ++i) {
       float* o = out + i * ld + t0;
-      for (int64_t tt = 0; tt < kBlock; ++tt) o[tt] = xb[tt * d + i];
+      for (int64_t tt = 0; tt < kBlock; ++tt) o[tt] = xb[tt * xs + i] * ib[tt];
     }
   }
   for (int64_t t = t0; t < n; ++t)
-    for (int64_t i = 0; i < d; ++i) out[i * ld + t] = x[t * d + i];
+    for (int64_t i = 0; i < d; ++i) out[i * ld + t] = x[t * xs + i] * inv[t];
 }
 
-// Splits one group: `order[0..n)` are token ids in the group's current order and feats/feats_n
-// their features ([n, d], same order); on return the first floor(n/2) are child 0 and the rest
-// child 1, each in ascending score order. When out_feats is set, the features are written there
-// in the new order (so the next level reads its groups contiguously instead of gathering tokens
-// from all over the row; the levels alternate between two buffers).
-void split_group(const float* feats, const float* feats_n, float* out_feats, float* out_feats_n,
-                 int64_t d, int64_t* order, int64_t n, int64_t iters, float tau,
+// Stable sort of the group by score (s.keyed holds score bits << 32 | rank); order[] takes the
+// new token order and move(t, src) is called for every new position t with its old rank src.
+template <typename Move>
+inline void sort_and_reorder(SplitScratch& s, int64_t* order, int64_t n, Move move) {
+  sort_keys(s.keyed, s.keyed_tmp);
+  s.tokens.assign(order, order + n);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t src = static_cast<int64_t>(s.keyed[t] & 0xFFFFFFFFu);
+    order[t] = s.tokens[src];
+    move(t, src);
+  }
+}
+
+#if MMBOAT_X86
+bool split_group_avx2(const float* feats, int64_t xs, const float* inv, float* out_feats,
+                      float* out_inv, int64_t d, int64_t* order, int64_t n, int64_t iters,
+                      float tau, SplitScratch& s);
+#endif
+
+// Splits one group: `order[0..n)` are token ids in the group's current order, feats their raw
+// features (n rows of d, xs apart, same order) and inv their inverse L2 norms ([n]); on return the first
+// floor(n/2) are child 0 and the rest child 1, each in ascending score order. When out_feats is
+// set, features and inverse norms are written to out_feats / out_inv in the new order (so the
+// next level reads its groups contiguously instead of gathering tokens from all over the row;
+// the levels alternate between two buffers).
+void split_group(const float* feats, int64_t xs, const float* inv, float* out_feats,
+                 float* out_inv, int64_t d, int64_t* order, int64_t n, int64_t iters, float tau,
                  SplitScratch& s) {
   if (n < 2) {  // a single token (or none) stays where it is
     if (out_feats && n == 1) {
       std::memcpy(out_feats, feats, d * sizeof(float));
-      std::memcpy(out_feats_n, feats_n, d * sizeof(float));
+      out_inv[0] = inv[0];
     }
     return;
   }
+#if MMBOAT_X86
+  if (split_group_avx2(feats, xs, inv, out_feats, out_inv, d, order, n, iters, tau, s)) return;
+#endif
   const int64_t half = n / 2;
   s.centroids.assign(2 * d, 0.f);
   float* c0 = s.centroids.data();
   float* c1 = c0 + d;
   // Initial centroids: means of the two rank parts.
   for (int64_t t = 0; t < n; ++t) {
-    const float* x = feats + t * d;
+    const float* x = feats + t * xs;
     float* c = t < half ? c0 : c1;
     for (int64_t i = 0; i < d; ++i) c[i] += x[i];
   }
@@ -173,12 +224,12 @@ void split_group(const float* feats, const float* feats_n, float* out_feats, flo
   // transposing stores thrash when n is a multiple of 1024).
   const int64_t ld = ((n + 15) & ~int64_t(15)) + 16;
   s.feats_t.resize(d * ld);
-  transpose_rows(feats_n, n, d, s.feats_t.data(), ld);
+  transpose_rows(feats, xs, inv, n, d, s.feats_t.data(), ld);
   s.cos0.resize(n);
   s.cos1.resize(n);
   for (int64_t it = 0; it < iters; ++it) {
     group_cosines(s.feats_t.data(), ld, c0, c1, d, n, s.cos0.data(), s.cos1.data());
-    soft_assign_sums(feats, s.cos0.data(), s.cos1.data(), d, n, tau, c0, c1);
+    soft_assign_sums(feats, xs, s.cos0.data(), s.cos1.data(), d, n, tau, c0, c1);
     normalise(c0, d);
     normalise(c1, d);
   }
@@ -187,48 +238,283 @@ void split_group(const float* feats, const float* feats_n, float* out_feats, flo
   for (int64_t t = 0; t < n; ++t)
     s.keyed[t] = (uint64_t(sortable_score_bits(bhc::split_score(s.cos0[t], s.cos1[t]))) << 32) |
                  uint64_t(t);
-  sort_keys(s.keyed, s.keyed_tmp);
-  s.tokens.assign(order, order + n);
+  sort_and_reorder(s, order, n, [&](int64_t t, int64_t src) {
+    if (out_feats) {
+      std::memcpy(out_feats + t * d, feats + src * xs, d * sizeof(float));
+      out_inv[t] = inv[src];
+    }
+  });
+}
+
+#if MMBOAT_X86
+// ---------------------------------------------------------------------------------------------
+// AVX2 split of one group (float, d = 8 * NC, NC <= 8), same steps as split_group: the features
+// stay token-major (no transpose); the dot products of 4 tokens with both centroids are reduced
+// together and scaled by the tokens' inverse norms, the soft assignment and the score run on 8
+// tokens at once with a polynomial exp, and the centroid sums stay in registers (the second is
+// the group's total minus the first). A partial last block runs on a zero-padded copy.
+
+// The AVX2 kernels are templates on NC = d / 8 (registers hold a row); instances for NC = 1..8.
+#define MMBOAT_NC_TABLE(kernel) \
+  { kernel<1>, kernel<2>, kernel<3>, kernel<4>, kernel<5>, kernel<6>, kernel<7>, kernel<8> }
+
+// The instance for head dim d, or nullptr where the AVX2 kernels do not apply (d not a multiple
+// of 8 up to 64, or a CPU without AVX2+FMA).
+template <typename Fn>
+Fn pick_avx2(int64_t d, const Fn (&table)[8]) {
+  if (d <= 0 || d % 8 != 0 || d > 64 || !simd::cpu_has_avx2()) return nullptr;
+  return table[d / 8 - 1];
+}
+
+// softmax_exp on 8 lanes (arguments <= 0); NaN stays NaN.
+MMBOAT_AVX2 inline __m256 exp8_nonpos(__m256 x) {
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 r =
+      _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), shifter), shifter);
+  __m256 f = _mm256_fnmadd_ps(r, _mm256_set1_ps(0.693145752f), x);
+  f = _mm256_fnmadd_ps(r, _mm256_set1_ps(1.42860677e-06f), f);
+  __m256 p = _mm256_set1_ps(1.98412698e-04f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.38888889e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.33333333e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(4.16666667e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.66666667e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_max_epi32(_mm256_cvttps_epi32(r), _mm256_set1_epi32(-126));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// bhc::soft_assign0 on 8 tokens (max_ps picks z1 when either is NaN, as the scalar form does).
+MMBOAT_AVX2 inline __m256 soft_assign0_8(__m256 s0, __m256 s1, __m256 tau) {
+  const __m256 z0 = _mm256_mul_ps(tau, s0), z1 = _mm256_mul_ps(tau, s1);
+  const __m256 mx = _mm256_max_ps(z0, z1);
+  const __m256 e0 = exp8_nonpos(_mm256_sub_ps(z0, mx));
+  const __m256 e1 = exp8_nonpos(_mm256_sub_ps(z1, mx));
+  return _mm256_div_ps(e0, _mm256_add_ps(e0, e1));
+}
+
+// Cosines of 8 consecutive tokens (rows at rows, xs apart; inverse norms inv) with both (unit)
+// centroids: s0 / s1 lane j = token j.
+template <int NC>
+MMBOAT_AVX2 inline void cosines8(const float* rows, int64_t xs, const float* inv,
+                                 const __m256* c0, const __m256* c1, __m256& s0, __m256& s1) {
+  __m256 half[2];
+  for (int h = 0; h < 2; ++h) {
+    const float* x = rows + 4 * h * xs;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int c = 0; c < NC; ++c) {
+      __m256 v = _mm256_loadu_ps(x + 8 * c);
+      a0 = _mm256_fmadd_ps(v, c0[c], a0);
+      b0 = _mm256_fmadd_ps(v, c1[c], b0);
+      v = _mm256_loadu_ps(x + xs + 8 * c);
+      a1 = _mm256_fmadd_ps(v, c0[c], a1);
+      b1 = _mm256_fmadd_ps(v, c1[c], b1);
+      v = _mm256_loadu_ps(x + 2 * xs + 8 * c);
+      a2 = _mm256_fmadd_ps(v, c0[c], a2);
+      b2 = _mm256_fmadd_ps(v, c1[c], b2);
+      v = _mm256_loadu_ps(x + 3 * xs + 8 * c);
+      a3 = _mm256_fmadd_ps(v, c0[c], a3);
+      b3 = _mm256_fmadd_ps(v, c1[c], b3);
+    }
+    half[h] = simd::hsum8(a0, a1, a2, a3, b0, b1, b2, b3);  // [cos0 of 4 | cos1 of 4]
+  }
+  const __m256 inv8 = _mm256_loadu_ps(inv);
+  s0 = _mm256_mul_ps(_mm256_permute2f128_ps(half[0], half[1], 0x20), inv8);
+  s1 = _mm256_mul_ps(_mm256_permute2f128_ps(half[0], half[1], 0x31), inv8);
+}
+
+// c <- normalise(c * scale), through memory (the scalar normalise keeps one rounding rule).
+template <int NC>
+MMBOAT_AVX2 inline void finish_centroid(__m256* c, float scale, float* tmp) {
+  for (int k = 0; k < NC; ++k) _mm256_storeu_ps(tmp + 8 * k, c[k]);
+  for (int64_t i = 0; i < 8 * NC; ++i) tmp[i] *= scale;
+  normalise(tmp, 8 * NC);
+  for (int k = 0; k < NC; ++k) c[k] = _mm256_loadu_ps(tmp + 8 * k);
+}
+
+template <int NC>
+MMBOAT_AVX2 void split_group_avx2_impl(const float* feats, int64_t xs, const float* inv,
+                                       float* out_feats, float* out_inv, int64_t* order,
+                                       int64_t n, int64_t iters, float tau, SplitScratch& s) {
+  constexpr int64_t d = 8 * NC;
+  const int64_t half = n / 2;
+  const int64_t full = n & ~int64_t(7);
+  // Block at t: its rows (xs apart) and inverse norms; the partial last block reads a
+  // zero-padded copy laid out the same way.
+  s.tail.assign(8 * xs + 8, 0.f);
+  for (int64_t t = full; t < n; ++t)
+    std::memcpy(s.tail.data() + (t - full) * xs, feats + t * xs, d * sizeof(float));
+  std::memcpy(s.tail.data() + 8 * xs, inv + full, (n - full) * sizeof(float));
+  const auto rows = [&](int64_t t) { return t < full ? feats + t * xs : s.tail.data(); };
+  const auto invs = [&](int64_t t) { return t < full ? inv + t : s.tail.data() + 8 * xs; };
+
+  // Initial centroids: means of the two rank parts; their sum is the group's total.
+  __m256 c0[NC], c1[NC], total[NC];
+  for (int k = 0; k < NC; ++k) c0[k] = c1[k] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < half; ++t)
+    for (int k = 0; k < NC; ++k)
+      c0[k] = _mm256_add_ps(c0[k], _mm256_loadu_ps(feats + t * xs + 8 * k));
+  for (int64_t t = half; t < n; ++t)
+    for (int k = 0; k < NC; ++k)
+      c1[k] = _mm256_add_ps(c1[k], _mm256_loadu_ps(feats + t * xs + 8 * k));
+  for (int k = 0; k < NC; ++k) total[k] = _mm256_add_ps(c0[k], c1[k]);
+  s.centroids.resize(d);
+  finish_centroid<NC>(c0, 1.0f / static_cast<float>(half), s.centroids.data());
+  finish_centroid<NC>(c1, 1.0f / static_cast<float>(n - half), s.centroids.data());
+
+  const __m256 tau_v = _mm256_set1_ps(tau), one = _mm256_set1_ps(1.0f);
+  alignas(32) float w0[8];
+  for (int64_t it = 0; it < iters; ++it) {
+    __m256 sum0[NC];
+    for (int k = 0; k < NC; ++k) sum0[k] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; t += 8) {
+      const float* x = rows(t);
+      __m256 s0, s1;
+      cosines8<NC>(x, xs, invs(t), c0, c1, s0, s1);
+      _mm256_store_ps(w0, soft_assign0_8(s0, s1, tau_v));
+      const int64_t cnt = std::min<int64_t>(8, n - t);
+      for (int64_t j = 0; j < cnt; ++j) {
+        const __m256 b0 = _mm256_broadcast_ss(w0 + j);
+        for (int k = 0; k < NC; ++k)
+          sum0[k] = _mm256_fmadd_ps(b0, _mm256_loadu_ps(x + j * xs + 8 * k), sum0[k]);
+      }
+    }
+    // sum_t (1 - a0_t) x_t = total - sum_t a0_t x_t
+    for (int k = 0; k < NC; ++k) {
+      c0[k] = sum0[k];
+      c1[k] = _mm256_sub_ps(total[k], sum0[k]);
+    }
+    finish_centroid<NC>(c0, 1.0f, s.centroids.data());
+    finish_centroid<NC>(c1, 1.0f, s.centroids.data());
+  }
+
+  s.scores.resize(full + 8);
+  for (int64_t t = 0; t < n; t += 8) {
+    __m256 s0, s1;
+    cosines8<NC>(rows(t), xs, invs(t), c0, c1, s0, s1);
+    _mm256_storeu_ps(s.scores.data() + t,
+                     _mm256_div_ps(_mm256_add_ps(one, s0), _mm256_add_ps(one, s1)));
+  }
+  s.keyed.resize(n);
+  for (int64_t t = 0; t < n; ++t)
+    s.keyed[t] = (uint64_t(sortable_score_bits(s.scores[t])) << 32) | uint64_t(t);
+  sort_and_reorder(s, order, n, [](int64_t, int64_t) {});
+  if (!out_feats) return;
+  // A gather from all over the group (L2 or beyond for large groups): prefetch ahead.
+  constexpr int64_t kAhead = 8;
   for (int64_t t = 0; t < n; ++t) {
     const int64_t src = static_cast<int64_t>(s.keyed[t] & 0xFFFFFFFFu);
-    order[t] = s.tokens[src];
-    if (out_feats) {
-      std::memcpy(out_feats + t * d, feats + src * d, d * sizeof(float));
-      std::memcpy(out_feats_n + t * d, feats_n + src * d, d * sizeof(float));
+    if (t + kAhead < n) {
+      const char* ahead = reinterpret_cast<const char*>(
+          feats + static_cast<int64_t>(s.keyed[t + kAhead] & 0xFFFFFFFFu) * xs);
+      for (int64_t line = 0; line < d * 4; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
     }
+    for (int k = 0; k < NC; ++k)
+      _mm256_storeu_ps(out_feats + t * d + 8 * k, _mm256_loadu_ps(feats + src * xs + 8 * k));
+    out_inv[t] = inv[src];
   }
+}
+
+// inv[t] = 1 / max(|x_t|, eps) for `rows` rows of d features, xs apart (d % 8 == 0).
+MMBOAT_AVX2 void inverse_norms_avx2(const float* x, int64_t xs, float* inv, int64_t rows,
+                                    int64_t d) {
+  for (int64_t t = 0; t < rows; ++t) {
+    __m256 sq = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + t * xs + i);
+      sq = _mm256_fmadd_ps(v, v, sq);
+    }
+    inv[t] = 1.0f / std::max(std::sqrt(simd::hsum1(sq)), bhc::kNormEps);
+  }
+}
+
+// Runs the AVX2 split when it applies (returns false otherwise).
+bool split_group_avx2(const float* feats, int64_t xs, const float* inv, float* out_feats,
+                      float* out_inv, int64_t d, int64_t* order, int64_t n, int64_t iters,
+                      float tau, SplitScratch& s) {
+  using Split = void (*)(const float*, int64_t, const float*, float*, float*, int64_t*, int64_t,
+                         int64_t, float, SplitScratch&);
+  static const Split table[8] = MMBOAT_NC_TABLE(split_group_avx2_impl);
+  const Split split = pick_avx2(d, table);
+  if (split) split(feats, xs, inv, out_feats, out_inv, order, n, iters, tau, s);
+  return split != nullptr;
+}
+#endif
+
+// Scratch floats of a clustering call. Fresh multi-MB buffers cost their page faults on every
+// call (~10% of the op at 56x56), so the calling thread keeps its buffer for the next call, up
+// to kKeepFloats; a larger request gets a buffer of its own, freed with the call.
+class ClusteringWorkspace {
+ public:
+  explicit ClusteringWorkspace(int64_t floats) {
+    if (floats > kKeepFloats) {
+      own_.reset(new float[floats]);
+      data_ = own_.get();
+      return;
+    }
+    thread_local std::vector<float> kept;
+    if (static_cast<int64_t>(kept.size()) < floats) kept = std::vector<float>(floats);
+    data_ = kept.data();
+  }
+  float* data() const { return data_; }
+
+ private:
+  static constexpr int64_t kKeepFloats = int64_t(16) << 20;  // 64 MiB
+  float* data_ = nullptr;
+  std::unique_ptr<float[]> own_;
+};
+
+// inv[t] = 1 / max(|x_t|, eps) for `rows` rows of d features, xs apart.
+void inverse_norms(const float* x, int64_t xs, float* inv, int64_t rows, int64_t d) {
+#if MMBOAT_X86
+  if (d % 8 == 0 && simd::cpu_has_avx2()) return inverse_norms_avx2(x, xs, inv, rows, d);
+#endif
+  for (int64_t t = 0; t < rows; ++t) inv[t] = inverse_norm(x + t * xs, d);
 }
 
 std::tuple<at::Tensor, at::Tensor> bhc_cluster_cpu(const at::Tensor& x_in, int64_t cluster_size,
                                                    int64_t iters, double tau) {
   check_cluster_inputs(x_in, cluster_size, iters, tau);
   MMBOAT_CHECK_CPU(x_in);
-  const at::Tensor x = x_in.detach().to(at::kFloat).contiguous();
+  // Level 0 reads x through its strides (q is usually a view of the qkv projection), as long as
+  // each token's features are contiguous; x may alias the caller's tensor: it is never written.
+  at::Tensor x = x_in.detach().to(at::kFloat);
+  if (x.stride(3) != 1) x = x.contiguous();
   const int64_t batch = x.size(0), heads = x.size(1), n = x.size(2), d = x.size(3);
   const int64_t rows = batch * heads;
-  // Token features L2-normalised once (the formula needs them at every level).
-  at::Tensor x_n = at::empty_like(x);
-  float* x_n_data = x_n.data_ptr<float>();
+  const int64_t xs = x.stride(2);
   const float* x_data = x.data_ptr<float>();
+  const auto x_row = [&](int64_t row) {
+    return x_data + (row / heads) * x.stride(0) + (row % heads) * x.stride(1);
+  };
+  // Buffers: inverse L2 norms (two of rows * n: every level needs the normalised features) and
+  // two copies of the features ([rows * n, d]). Each level reads the features and norms in the
+  // current perm order and writes them in the new order to the other buffer of a pair; level 0
+  // reads x itself.
+  const int levels = bhc::num_levels(n, cluster_size);
+  const int64_t numel = rows * n * d;
+  const ClusteringWorkspace work(2 * rows * n + (levels > 1 ? numel : 0) +
+                                 (levels > 2 ? numel : 0));
+  float* inv_a = work.data();
+  float* inv_b = inv_a + rows * n;
+  float* raw_a = inv_b + rows * n;
+  float* raw_b = raw_a + (levels > 1 ? numel : 0);
   at::parallel_for(0, rows * n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      std::copy(x_data + t * d, x_data + (t + 1) * d, x_n_data + t * d);
-      normalise(x_n_data + t * d, d);
+    for (int64_t t = begin; t < end;) {  // runs of tokens inside one row
+      const int64_t row = t / n, i = t % n, count = std::min(end - t, n - i);
+      inverse_norms(x_row(row) + i * xs, xs, inv_a + t, count, d);
+      t += count;
     }
   });
-  // Each level reads the features in the current perm order and writes them in the new order
-  // to the other buffer of a pair. Level 0 reads x itself (x may alias the caller's tensor:
-  // it is never written); the normalised pair reuses x_n once level 0 has read it.
-  const int levels = bhc::num_levels(n, cluster_size);
-  at::Tensor raw_a = levels > 1 ? at::empty_like(x) : at::Tensor();
-  at::Tensor raw_b = levels > 2 ? at::empty_like(x) : at::Tensor();
-  at::Tensor nrm_b = levels > 1 ? at::empty_like(x) : at::Tensor();
-  const float* feats = x_data;
-  const float* feats_n = x_n_data;
-  float* next = levels > 1 ? raw_a.data_ptr<float>() : nullptr;
-  float* other = levels > 2 ? raw_b.data_ptr<float>() : nullptr;
-  float* next_n = levels > 1 ? nrm_b.data_ptr<float>() : nullptr;
-  float* other_n = x_n_data;
+  const float* feats = nullptr;  // levels >= 1: [rows * n, d]
+  const float* feats_inv = inv_a;
+  float* next = raw_a;
+  float* other = raw_b;
+  float* next_inv = inv_b;
+  float* other_inv = inv_a;
   at::Tensor perm = at::empty({batch, heads, n}, x.options().dtype(at::kLong));
   int64_t* order = perm.data_ptr<int64_t>();
   at::parallel_for(0, rows * n, 4096, [&](int64_t begin, int64_t end) {
@@ -243,17 +529,18 @@ std::tuple<at::Tensor, at::Tensor> bhc_cluster_cpu(const at::Tensor& x_in, int64
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row = task / groups, group = task % groups;
         const Extent e = bhc::group_extent(n, level, group);
-        const int64_t at = (row * n + e.offset) * d;
-        split_group(feats + at, feats_n + at, last ? nullptr : next + at,
-                    last ? nullptr : next_n + at, d, order + row * n + e.offset, e.size, iters,
-                    tau_f, scratch);
+        const int64_t at = row * n + e.offset;
+        const float* src = level == 0 ? x_row(row) + e.offset * xs : feats + at * d;
+        split_group(src, level == 0 ? xs : d, feats_inv + at, last ? nullptr : next + at * d,
+                    last ? nullptr : next_inv + at, d, order + at, e.size, iters, tau_f,
+                    scratch);
       }
     });
     if (!last) {
       feats = next;
-      feats_n = next_n;
+      feats_inv = next_inv;
       std::swap(next, other);
-      std::swap(next_n, other_n);
+      std::swap(next_inv, other_inv);
     }
   }
   at::Tensor inv_perm = at::empty_like(perm);
@@ -301,9 +588,10 @@ struct LeafBuffers {
   std::vector<T> dk, dv;            // [K, d]
 
   // Gathers the leaf's keys (own tokens, then the sibling overlap) from raster order.
-  // The forward needs k_t and v_r, the backward all four.
+  // The forward needs k_t and v_r, the backward all four; the AVX2 kernels (keys_by_row) k_r
+  // and v_r, zero-padded to a multiple of 8 keys.
   int64_t load(const int64_t* perm_row, const LeafKeys& keys, const T* k, const T* v, int64_t d,
-               bool backward) {
+               bool backward, bool keys_by_row = false) {
     const int64_t count = keys.own.size + keys.extra.size;
     key_tokens.resize(count);
     for (int64_t j = 0; j < keys.own.size; ++j) key_tokens[j] = perm_row[keys.own.offset + j];
@@ -316,6 +604,20 @@ struct LeafBuffers {
     if (backward) {
       v_t.resize(d * count);
       k_r.resize(count * d);
+    }
+    if (keys_by_row) {
+      const int64_t padded = (count + 7) & ~int64_t(7);
+      k_r.resize(padded * d);
+      v_r.resize(padded * d);
+      std::fill(k_r.begin() + count * d, k_r.end(), T(0));
+      std::fill(v_r.begin() + count * d, v_r.end(), T(0));
+      p.resize(padded);
+      dp.resize(std::max(padded, d));
+      for (int64_t j = 0; j < count; ++j) {
+        std::copy(k + key_tokens[j] * d, k + (key_tokens[j] + 1) * d, k_r.data() + j * d);
+        std::copy(v + key_tokens[j] * d, v + (key_tokens[j] + 1) * d, v_r.data() + j * d);
+      }
+      return count;
     }
     for (int64_t j = 0; j < count; ++j) {
       const T* kj = k + key_tokens[j] * d;
@@ -420,6 +722,159 @@ MMBOAT_FSLA_HOT void attention_forward_leaf(const T* q, const int64_t* perm_row,
   }
 }
 
+using ForwardLeafAvx2 = void (*)(const float*, const int64_t*, const LeafKeys&, float,
+                                 LeafBuffers<float>&, float*, float*);
+using BackwardLeafAvx2 = void (*)(const float*, const float*, const float*, const float*,
+                                  const int64_t*, const LeafKeys&, float, LeafBuffers<float>&,
+                                  float*, float*, float*);
+
+#if MMBOAT_X86
+// Logits of one query row (qv) with 8 keys by row from kj: lane r = key r.
+template <int NC>
+MMBOAT_AVX2 inline __m256 dots8(const __m256* qv, const float* kj) {
+  constexpr int64_t d = 8 * NC;
+  __m256 a[8];
+  for (int r = 0; r < 8; ++r) a[r] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kj + r * d));
+  for (int c = 1; c < NC; ++c)
+    for (int r = 0; r < 8; ++r)
+      a[r] = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kj + r * d + 8 * c), a[r]);
+  return simd::hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+}
+
+// attention_forward_leaf for float, d = 8 * NC: logits of 8 keys at a time (keys by row, dot
+// products reduced together), exp on 8 lanes, the output row in registers.
+template <int NC>
+MMBOAT_AVX2 void attention_forward_leaf_avx2(const float* q, const int64_t* perm_row,
+                                             const LeafKeys& keys, float scale,
+                                             LeafBuffers<float>& buf, float* out, float* lse) {
+  constexpr int64_t d = 8 * NC;
+  const int64_t count = static_cast<int64_t>(buf.key_tokens.size());
+  const int64_t padded = (count + 7) & ~int64_t(7);
+  const float* kr = buf.k_r.data();
+  const float* vr = buf.v_r.data();
+  float* p = buf.p.data();
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  for (int64_t t = 0; t < keys.own.size; ++t) {
+    const int64_t tok = perm_row[keys.own.offset + t];
+    __m256 qv[NC];
+    for (int c = 0; c < NC; ++c) qv[c] = _mm256_loadu_ps(q + tok * d + 8 * c);
+    __m256 mx_v = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < padded; j += 8) {
+      const __m256 s = _mm256_mul_ps(dots8<NC>(qv, kr + j * d), scale_v);
+      _mm256_storeu_ps(p + j, s);
+      if (j + 8 <= count) mx_v = _mm256_max_ps(mx_v, s);
+    }
+    float mx = -std::numeric_limits<float>::infinity();
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mx_v);
+    for (int r = 0; r < 8; ++r) mx = lanes[r] > mx ? lanes[r] : mx;
+    for (int64_t j = count & ~int64_t(7); j < count; ++j) mx = p[j] > mx ? p[j] : mx;
+    const __m256 shift = _mm256_set1_ps(mx);
+    for (int64_t j = 0; j < padded; j += 8)
+      _mm256_storeu_ps(p + j, exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(p + j), shift)));
+    __m256 acc[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
+    float sum = 0.f;
+    for (int64_t j = 0; j < count; ++j) {
+      sum += p[j];
+      const __m256 w = _mm256_broadcast_ss(p + j);
+      for (int c = 0; c < NC; ++c)
+        acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + j * d + 8 * c), acc[c]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (int c = 0; c < NC; ++c)
+      _mm256_storeu_ps(out + tok * d + 8 * c, _mm256_mul_ps(acc[c], inv));
+    lse[tok] = mx + std::log(sum);
+  }
+}
+
+// The AVX2 leaf for this head dim, or nullptr.
+ForwardLeafAvx2 forward_leaf_avx2(int64_t d) {
+  static const ForwardLeafAvx2 table[8] = MMBOAT_NC_TABLE(attention_forward_leaf_avx2);
+  return pick_avx2(d, table);
+}
+
+// attention_backward_leaf for float, d = 8 * NC: p and dO.v for 8 keys at a time, dQ in
+// registers, dK / dV rows of the leaf accumulated in buf and added to the gradients once.
+template <int NC>
+MMBOAT_AVX2 void attention_backward_leaf_avx2(const float* q, const float* grad_out,
+                                              const float* out, const float* lse,
+                                              const int64_t* perm_row, const LeafKeys& keys,
+                                              float scale, LeafBuffers<float>& buf,
+                                              float* grad_q, float* grad_k, float* grad_v) {
+  constexpr int64_t d = 8 * NC;
+  const int64_t count = static_cast<int64_t>(buf.key_tokens.size());
+  const int64_t padded = (count + 7) & ~int64_t(7);
+  buf.dk.assign(count * d, 0.f);
+  buf.dv.assign(count * d, 0.f);
+  const float* kr = buf.k_r.data();
+  const float* vr = buf.v_r.data();
+  float* p = buf.p.data();
+  float* dp = buf.dp.data();
+  float* dk = buf.dk.data();
+  float* dv = buf.dv.data();
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  for (int64_t t = 0; t < keys.own.size; ++t) {
+    const int64_t tok = perm_row[keys.own.offset + t];
+    __m256 qv[NC], gv[NC], acc = _mm256_setzero_ps();
+    for (int c = 0; c < NC; ++c) {
+      qv[c] = _mm256_loadu_ps(q + tok * d + 8 * c);
+      gv[c] = _mm256_loadu_ps(grad_out + tok * d + 8 * c);
+      acc = _mm256_fmadd_ps(gv[c], _mm256_loadu_ps(out + tok * d + 8 * c), acc);
+    }
+    const float delta = simd::hsum1(acc);
+    const __m256 l = _mm256_set1_ps(lse[tok]);
+    for (int64_t j = 0; j < padded; j += 8) {
+      _mm256_storeu_ps(p + j, exp8_nonpos(_mm256_fmsub_ps(dots8<NC>(qv, kr + j * d), scale_v, l)));
+      _mm256_storeu_ps(dp + j, dots8<NC>(gv, vr + j * d));
+    }
+    __m256 gq[NC];
+    for (int c = 0; c < NC; ++c) gq[c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < count; ++j) {
+      const float pj = p[j];
+      const __m256 ds = _mm256_set1_ps(pj * (dp[j] - delta) * scale);
+      const __m256 pv = _mm256_set1_ps(pj);
+      for (int c = 0; c < NC; ++c) {
+        const int64_t at = j * d + 8 * c;
+        gq[c] = _mm256_fmadd_ps(ds, _mm256_loadu_ps(kr + at), gq[c]);
+        _mm256_storeu_ps(dk + at, _mm256_fmadd_ps(ds, qv[c], _mm256_loadu_ps(dk + at)));
+        _mm256_storeu_ps(dv + at, _mm256_fmadd_ps(pv, gv[c], _mm256_loadu_ps(dv + at)));
+      }
+    }
+    for (int c = 0; c < NC; ++c) _mm256_storeu_ps(grad_q + tok * d + 8 * c, gq[c]);
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    float* gk = grad_k + buf.key_tokens[j] * d;
+    float* gvj = grad_v + buf.key_tokens[j] * d;
+    for (int c = 0; c < NC; ++c) {
+      _mm256_storeu_ps(gk + 8 * c, _mm256_add_ps(_mm256_loadu_ps(gk + 8 * c),
+                                                 _mm256_loadu_ps(dk + j * d + 8 * c)));
+      _mm256_storeu_ps(gvj + 8 * c, _mm256_add_ps(_mm256_loadu_ps(gvj + 8 * c),
+                                                  _mm256_loadu_ps(dv + j * d + 8 * c)));
+    }
+  }
+}
+
+BackwardLeafAvx2 backward_leaf_avx2(int64_t d) {
+  static const BackwardLeafAvx2 table[8] = MMBOAT_NC_TABLE(attention_backward_leaf_avx2);
+  return pick_avx2(d, table);
+}
+#endif
+
+// Runs one leaf through the AVX2 kernel when given one (float only), else the generic loop.
+template <typename T>
+inline void forward_leaf(ForwardLeafAvx2 fast, const T* q, const int64_t* perm_row,
+                         const LeafKeys& keys, int64_t d, T scale, LeafBuffers<T>& buf, T* out,
+                         T* lse) {
+  attention_forward_leaf(q, perm_row, keys, d, scale, buf, out, lse);
+}
+inline void forward_leaf(ForwardLeafAvx2 fast, const float* q, const int64_t* perm_row,
+                         const LeafKeys& keys, int64_t d, float scale, LeafBuffers<float>& buf,
+                         float* out, float* lse) {
+  if (fast) return fast(q, perm_row, keys, scale, buf, out, lse);
+  attention_forward_leaf(q, perm_row, keys, d, scale, buf, out, lse);
+}
+
 template <typename T>
 void clustered_attention_forward_impl(const at::Tensor& query, const at::Tensor& key,
                                       const at::Tensor& value, const at::Tensor& perm,
@@ -434,6 +889,11 @@ void clustered_attention_forward_impl(const at::Tensor& query, const at::Tensor&
   const int64_t* pm = perm.data_ptr<int64_t>();
   T* o = out.data_ptr<T>();
   T* l = lse.data_ptr<T>();
+  // float with d % 8 == 0 (d <= 64) takes the AVX2 leaf where the CPU has it.
+  ForwardLeafAvx2 fast = nullptr;
+#if MMBOAT_X86
+  if constexpr (std::is_same<T, float>::value) fast = forward_leaf_avx2(d);
+#endif
   at::parallel_for(0, rows * leaves, 1, [&](int64_t begin, int64_t end) {
     LeafBuffers<T> buf;
     for (int64_t task = begin; task < end; ++task) {
@@ -443,9 +903,9 @@ void clustered_attention_forward_impl(const at::Tensor& query, const at::Tensor&
       const int64_t base = row * n;
       const int64_t* perm_row = pm + base;
       // Token buffers are row-relative: shift the raster pointers to this row.
-      buf.load(perm_row, keys, k + base * d, v + base * d, d, false);
-      attention_forward_leaf(q + base * d, perm_row, keys, d, static_cast<T>(scale), buf,
-                             o + base * d, l + base);
+      buf.load(perm_row, keys, k + base * d, v + base * d, d, false, fast != nullptr);
+      forward_leaf(fast, q + base * d, perm_row, keys, d, static_cast<T>(scale), buf,
+                   o + base * d, l + base);
     }
   });
 }
@@ -512,6 +972,24 @@ MMBOAT_FSLA_HOT void attention_backward_leaf(const T* q, const T* grad_out, cons
   }
 }
 
+// Runs one leaf's backward through the AVX2 kernel when given one (float only).
+template <typename T>
+inline void backward_leaf(BackwardLeafAvx2 fast, const T* q, const T* grad_out, const T* out,
+                          const T* lse, const int64_t* perm_row, const LeafKeys& keys, int64_t d,
+                          T scale, LeafBuffers<T>& buf, T* grad_q, T* grad_k, T* grad_v) {
+  attention_backward_leaf(q, grad_out, out, lse, perm_row, keys, d, scale, buf, grad_q, grad_k,
+                          grad_v);
+}
+inline void backward_leaf(BackwardLeafAvx2 fast, const float* q, const float* grad_out,
+                          const float* out, const float* lse, const int64_t* perm_row,
+                          const LeafKeys& keys, int64_t d, float scale, LeafBuffers<float>& buf,
+                          float* grad_q, float* grad_k, float* grad_v) {
+  if (fast)
+    return fast(q, grad_out, out, lse, perm_row, keys, scale, buf, grad_q, grad_k, grad_v);
+  attention_backward_leaf(q, grad_out, out, lse, perm_row, keys, d, scale, buf, grad_q, grad_k,
+                          grad_v);
+}
+
 template <typename T>
 void clustered_attention_backward_impl(const at::Tensor& grad_out, const at::Tensor& query,
                                        const at::Tensor& key, const at::Tensor& value,
@@ -535,6 +1013,11 @@ void clustered_attention_backward_impl(const at::Tensor& grad_out, const at::Ten
   T* gq = grad_q.data_ptr<T>();
   T* gk = grad_k.data_ptr<T>();
   T* gv = grad_v.data_ptr<T>();
+  // float with d % 8 == 0 (d <= 64) takes the AVX2 leaf where the CPU has it.
+  BackwardLeafAvx2 fast = nullptr;
+#if MMBOAT_X86
+  if constexpr (std::is_same<T, float>::value) fast = backward_leaf_avx2(d);
+#endif
   at::parallel_for(0, rows * tasks, 1, [&](int64_t begin, int64_t end) {
     LeafBuffers<T> buf;
     for (int64_t task = begin; task < end; ++task) {
@@ -544,10 +1027,11 @@ void clustered_attention_backward_impl(const at::Tensor& grad_out, const at::Ten
       for (int64_t leaf = pair * per_task; leaf < (pair + 1) * per_task; ++leaf) {
         const LeafKeys keys = bhc::leaf_keys(n, levels, leaf, overlap);
         if (keys.own.size == 0) continue;
-        buf.load(perm_row, keys, k + base * d, v + base * d, d, true);
-        attention_backward_leaf(q + base * d, go + base * d, o + base * d, l + base, perm_row,
-                                keys, d, static_cast<T>(scale), buf, gq + base * d,
-                                gk + base * d, gv + base * d);
+        buf.load(perm_row, keys, k + base * d, v + base * d, d, fast == nullptr,
+                 fast != nullptr);
+        backward_leaf(fast, q + base * d, go + base * d, o + base * d, l + base, perm_row, keys,
+                      d, static_cast<T>(scale), buf, gq + base * d, gk + base * d,
+                      gv + base * d);
       }
     }
   });

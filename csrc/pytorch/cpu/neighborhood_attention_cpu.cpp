@@ -26,13 +26,7 @@
 
 #include "neighborhood_attention_checks.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define MMBOAT_NA_X86 1
-#include <immintrin.h>
-#define MMBOAT_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define MMBOAT_NA_X86 0
-#endif
+#include "cpu/avx2_math.h"
 
 #if defined(__GNUC__)
 #define MMBOAT_INLINE inline __attribute__((always_inline))
@@ -135,27 +129,9 @@ struct GenericOps {
   }
 };
 
-#if MMBOAT_NA_X86
+#if MMBOAT_X86
 struct Avx2Ops {
   using acc_t = float;
-
-  MMBOAT_AVX2 static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3,
-                                                __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
-    const __m256 t0 = _mm256_hadd_ps(a0, a1);
-    const __m256 t1 = _mm256_hadd_ps(a2, a3);
-    const __m256 t2 = _mm256_hadd_ps(a4, a5);
-    const __m256 t3 = _mm256_hadd_ps(a6, a7);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1);
-    const __m256 u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                         _mm256_permute2f128_ps(u0, u1, 0x31));
-  }
-  MMBOAT_AVX2 static inline float hsum1(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
 
   MMBOAT_AVX2 static inline void dots(const float* __restrict q,
                                              const float* __restrict base,
@@ -186,7 +162,7 @@ struct Avx2Ops {
         a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r6 + d), a6);
         a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r7 + d), a7);
       }
-      __m256 r = hsum8(a0, a1, a2, a3, a4, a5, a6, a7);
+      __m256 r = simd::hsum8(a0, a1, a2, a3, a4, a5, a6, a7);
       if (add) r = _mm256_add_ps(r, _mm256_loadu_ps(add + s));
       _mm256_storeu_ps(out + s, r);
     }
@@ -216,7 +192,7 @@ struct Avx2Ops {
       __m256 a0 = _mm256_setzero_ps();
       for (int d = 0; d < dim; d += 8)
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(r0 + d), a0);
-      out[s] = add ? hsum1(a0) + add[s] : hsum1(a0);
+      out[s] = add ? simd::hsum1(a0) + add[s] : simd::hsum1(a0);
     }
   }
 
@@ -331,7 +307,7 @@ struct Avx2Ops {
     for (; s + 8 <= n; s += 8) a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + s));
     float tail = 0;
     for (; s < n; ++s) tail += x[s];
-    return hsum1(_mm256_add_ps(a0, a1)) + tail;
+    return simd::hsum1(_mm256_add_ps(a0, a1)) + tail;
   }
 
   MMBOAT_AVX2 static inline void axpy(float c, const float* __restrict x,
@@ -377,10 +353,6 @@ struct Avx2Ops {
   }
 };
 
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 #endif
 
 // ------------------------------------------------------------------------------------------
@@ -657,7 +629,7 @@ bool forward_fast(const Problem<scalar_t>&, const scalar_t*, const scalar_t*, co
   return false;
 }
 
-#if MMBOAT_NA_X86
+#if MMBOAT_X86
 MMBOAT_AVX2 MMBOAT_FLATTEN void fused_forward_range_avx2(const Problem<float>& P, const float* q,
                                           const float* k, const float* v, float* out,
                                           float* lse, int64_t begin, int64_t end,
@@ -686,8 +658,8 @@ Problem<scalar_t> make_problem(const Shape3d& s, double scale, const at::Tensor&
 
 template <typename scalar_t>
 bool use_avx2(const Shape3d& s) {
-#if MMBOAT_NA_X86
-  return std::is_same<scalar_t, float>::value && s.dim % 8 == 0 && cpu_has_avx2();
+#if MMBOAT_X86
+  return std::is_same<scalar_t, float>::value && s.dim % 8 == 0 && simd::cpu_has_avx2();
 #else
   return false;
 #endif
@@ -868,7 +840,7 @@ bool backward_fast(const Problem<scalar_t>&, const BackwardArgs<scalar_t>&,
   return false;
 }
 
-#if MMBOAT_NA_X86
+#if MMBOAT_X86
 MMBOAT_AVX2 MMBOAT_FLATTEN void fused_backward_row_avx2(const Problem<float>& P, const BackwardArgs<float>& A,
                                          Scratch<float>& sc, RowWindow& rw, int64_t task,
                                          int64_t bh, int64_t t, int64_t h, int64_t w0,
