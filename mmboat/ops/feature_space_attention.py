@@ -123,7 +123,8 @@ def balanced_hierarchical_clustering(x: torch.Tensor,
     if not math.isfinite(tau):
         raise ValueError(f'tau must be finite, got {tau}')
     if _pick_compiled(impl, 'balanced_hierarchical_clustering', 'bhc_cluster', x):
-        return torch.ops.mmboat.bhc_cluster(x.detach().contiguous(), cluster_size, iters, tau)
+        # The kernels read strided views (q sliced out of a qkv projection) without a copy.
+        return torch.ops.mmboat.bhc_cluster(x.detach(), cluster_size, iters, tau)
     return balanced_hierarchical_clustering_reference(x, cluster_size, iters, tau)
 
 
