@@ -212,13 +212,17 @@ def test_clustering_batch_independent(impl):
 @pytest.mark.parametrize('impl', CLUSTER_IMPLS)
 @pytest.mark.parametrize('dim', [8, 6])
 def test_clustering_strided_input(impl, dim):
-    """Views (q out of a qkv projection, a channel slice, an expanded batch) cluster exactly as
-    their contiguous copies."""
+    """Views (q out of a qkv projection, a channel slice, an expanded batch, tokens overlapping
+    in memory) cluster exactly as their contiguous copies."""
     gen = torch.Generator().manual_seed(4)
     qkv = torch.randn(2, 130, 3, 3, dim, generator=gen).permute(2, 0, 3, 1, 4)
     wide = torch.randn(2, 3, 130, 2 * dim, generator=gen)
     one = torch.randn(1, 3, 130, dim, generator=gen)
-    for view in (qkv[0], wide[..., dim:], wide[..., ::2], one.expand(2, 3, 130, dim)):
+    flat = torch.randn(2 * 3 * 400 + dim, generator=gen)
+    # 135 tokens (a partial last block of 7) starting 2 floats apart
+    overlapping = flat.as_strided((2, 3, 135, dim), (1200, 400, 2, 1))
+    for view in (qkv[0], wide[..., dim:], wide[..., ::2], one.expand(2, 3, 130, dim),
+                 overlapping):
         assert not view.is_contiguous()
         got = balanced_hierarchical_clustering(view, 16, impl=impl)
         want = balanced_hierarchical_clustering(view.contiguous(), 16, impl=impl)

@@ -26,7 +26,7 @@ from mmboat.ops import balanced_hierarchical_clustering, clustered_attention, ha
 class FSLALayer(nn.Module):
     """FSLA module as BOAT defines it (qkv, clustering, clustered attention, get_v, proj).
 
-    ``last_clustering_s`` is the time its last forward spent in the clustering.
+    ``clustering_ms`` lists, per forward, the time spent in the clustering.
     """
 
     def __init__(self, channels: int, num_heads: int, cluster_size: int, overlap: int,
@@ -39,6 +39,7 @@ class FSLALayer(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
         self.get_v = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.clustering_ms: List[float] = []
 
     def forward(self, x: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
         batch, tokens, channels = x.shape
@@ -46,7 +47,7 @@ class FSLALayer(nn.Module):
         q, k, v = qkv.unbind(0)
         start = time.perf_counter()
         perm, _ = balanced_hierarchical_clustering(q, self.cluster_size, impl=self.impl)
-        self.last_clustering_s = time.perf_counter() - start
+        self.clustering_ms.append(1e3 * (time.perf_counter() - start))
         out = clustered_attention(q, k, v, perm, self.cluster_size, self.overlap, impl=self.impl)
         out = out.transpose(1, 2).reshape(batch, tokens, channels)
         v_map = v.transpose(1, 2).reshape(batch, hw[0], hw[1], channels).permute(0, 3, 1, 2)
@@ -136,24 +137,19 @@ def fsla_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
             q, k, v = torch.randn(3, args.batch, heads, tokens, ch // heads).unbind(0)
             window = WindowAttentionLayer(ch, heads, args.window).eval()
             fns: Dict[str, Callable[[], object]] = {'window': lambda: window(x, hw)}
-            in_layer: Dict[str, List[float]] = {impl: [] for impl in impls}
+            layers: Dict[str, FSLALayer] = {}
             if tokens <= args.global_max_tokens:
                 glob = GlobalAttentionLayer(ch, heads).eval()
                 fns['global'] = lambda: glob(x, hw)
             for impl in impls:
                 perm, _ = balanced_hierarchical_clustering(q, m, impl=impl)
-                layer = FSLALayer(ch, heads, m, o, impl).eval()
+                layer = layers[impl] = FSLALayer(ch, heads, m, o, impl).eval()
                 fns[f'{impl}/clustering'] = (
                     lambda impl=impl: balanced_hierarchical_clustering(q, m, impl=impl))
                 fns[f'{impl}/attention'] = (
                     lambda impl=impl, perm=perm: clustered_attention(q, k, v, perm, m, o,
                                                                      impl=impl))
-
-                def run_layer(impl=impl, layer=layer):
-                    layer(x, hw)
-                    in_layer[impl].append(1e3 * layer.last_clustering_s)
-
-                fns[f'{impl}/layer'] = run_layer
+                fns[f'{impl}/layer'] = lambda layer=layer: layer(x, hw)
             times = _time_ms_interleaved(fns, args.warmup, args.repeats)
             best = {name: min(t) for name, t in times.items()}
             window_ms, global_ms = best['window'], best.get('global', float('nan'))
@@ -164,7 +160,7 @@ def fsla_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
                 layer_times = times[f'{impl}/layer']
                 round_ = layer_times.index(min(layer_times))
                 layer_ms = layer_times[round_]
-                share = in_layer[impl][args.warmup + round_] / layer_ms
+                share = layers[impl].clustering_ms[-len(layer_times):][round_] / layer_ms
                 rows.append({
                     'map': f'{side}x{side}',
                     'tokens': tokens,

@@ -342,14 +342,16 @@ MMBOAT_AVX2 void split_group_avx2_impl(const float* feats, int64_t xs, const flo
   constexpr int64_t d = 8 * NC;
   const int64_t half = n / 2;
   const int64_t full = n & ~int64_t(7);
-  // Block at t: its rows (xs apart) and inverse norms; the partial last block reads a
-  // zero-padded copy laid out the same way.
-  s.tail.assign(8 * xs + 8, 0.f);
+  // Block at t: its rows, their stride and inverse norms. The partial last block reads a
+  // zero-padded copy with rows d apart (xs may be smaller than d, even 0, for views whose
+  // tokens overlap).
+  s.tail.assign(8 * d + 8, 0.f);
   for (int64_t t = full; t < n; ++t)
-    std::memcpy(s.tail.data() + (t - full) * xs, feats + t * xs, d * sizeof(float));
-  std::memcpy(s.tail.data() + 8 * xs, inv + full, (n - full) * sizeof(float));
+    std::memcpy(s.tail.data() + (t - full) * d, feats + t * xs, d * sizeof(float));
+  std::memcpy(s.tail.data() + 8 * d, inv + full, (n - full) * sizeof(float));
   const auto rows = [&](int64_t t) { return t < full ? feats + t * xs : s.tail.data(); };
-  const auto invs = [&](int64_t t) { return t < full ? inv + t : s.tail.data() + 8 * xs; };
+  const auto stride = [&](int64_t t) { return t < full ? xs : d; };
+  const auto invs = [&](int64_t t) { return t < full ? inv + t : s.tail.data() + 8 * d; };
 
   // Initial centroids: means of the two rank parts; their sum is the group's total.
   __m256 c0[NC], c1[NC], total[NC];
@@ -372,14 +374,15 @@ MMBOAT_AVX2 void split_group_avx2_impl(const float* feats, int64_t xs, const flo
     for (int k = 0; k < NC; ++k) sum0[k] = _mm256_setzero_ps();
     for (int64_t t = 0; t < n; t += 8) {
       const float* x = rows(t);
+      const int64_t bs = stride(t);
       __m256 s0, s1;
-      cosines8<NC>(x, xs, invs(t), c0, c1, s0, s1);
+      cosines8<NC>(x, bs, invs(t), c0, c1, s0, s1);
       _mm256_store_ps(w0, soft_assign0_8(s0, s1, tau_v));
       const int64_t cnt = std::min<int64_t>(8, n - t);
       for (int64_t j = 0; j < cnt; ++j) {
         const __m256 b0 = _mm256_broadcast_ss(w0 + j);
         for (int k = 0; k < NC; ++k)
-          sum0[k] = _mm256_fmadd_ps(b0, _mm256_loadu_ps(x + j * xs + 8 * k), sum0[k]);
+          sum0[k] = _mm256_fmadd_ps(b0, _mm256_loadu_ps(x + j * bs + 8 * k), sum0[k]);
       }
     }
     // sum_t (1 - a0_t) x_t = total - sum_t a0_t x_t
@@ -394,7 +397,7 @@ MMBOAT_AVX2 void split_group_avx2_impl(const float* feats, int64_t xs, const flo
   s.scores.resize(full + 8);
   for (int64_t t = 0; t < n; t += 8) {
     __m256 s0, s1;
-    cosines8<NC>(rows(t), xs, invs(t), c0, c1, s0, s1);
+    cosines8<NC>(rows(t), stride(t), invs(t), c0, c1, s0, s1);
     _mm256_storeu_ps(s.scores.data() + t,
                      _mm256_div_ps(_mm256_add_ps(one, s0), _mm256_add_ps(one, s1)));
   }
@@ -861,20 +864,6 @@ BackwardLeafAvx2 backward_leaf_avx2(int64_t d) {
 }
 #endif
 
-// Runs one leaf through the AVX2 kernel when given one (float only), else the generic loop.
-template <typename T>
-inline void forward_leaf(ForwardLeafAvx2 fast, const T* q, const int64_t* perm_row,
-                         const LeafKeys& keys, int64_t d, T scale, LeafBuffers<T>& buf, T* out,
-                         T* lse) {
-  attention_forward_leaf(q, perm_row, keys, d, scale, buf, out, lse);
-}
-inline void forward_leaf(ForwardLeafAvx2 fast, const float* q, const int64_t* perm_row,
-                         const LeafKeys& keys, int64_t d, float scale, LeafBuffers<float>& buf,
-                         float* out, float* lse) {
-  if (fast) return fast(q, perm_row, keys, scale, buf, out, lse);
-  attention_forward_leaf(q, perm_row, keys, d, scale, buf, out, lse);
-}
-
 template <typename T>
 void clustered_attention_forward_impl(const at::Tensor& query, const at::Tensor& key,
                                       const at::Tensor& value, const at::Tensor& perm,
@@ -904,8 +893,14 @@ void clustered_attention_forward_impl(const at::Tensor& query, const at::Tensor&
       const int64_t* perm_row = pm + base;
       // Token buffers are row-relative: shift the raster pointers to this row.
       buf.load(perm_row, keys, k + base * d, v + base * d, d, false, fast != nullptr);
-      forward_leaf(fast, q + base * d, perm_row, keys, d, static_cast<T>(scale), buf,
-                   o + base * d, l + base);
+      if constexpr (std::is_same<T, float>::value) {
+        if (fast) {
+          fast(q + base * d, perm_row, keys, static_cast<T>(scale), buf, o + base * d, l + base);
+          continue;
+        }
+      }
+      attention_forward_leaf(q + base * d, perm_row, keys, d, static_cast<T>(scale), buf,
+                             o + base * d, l + base);
     }
   });
 }
@@ -972,24 +967,6 @@ MMBOAT_FSLA_HOT void attention_backward_leaf(const T* q, const T* grad_out, cons
   }
 }
 
-// Runs one leaf's backward through the AVX2 kernel when given one (float only).
-template <typename T>
-inline void backward_leaf(BackwardLeafAvx2 fast, const T* q, const T* grad_out, const T* out,
-                          const T* lse, const int64_t* perm_row, const LeafKeys& keys, int64_t d,
-                          T scale, LeafBuffers<T>& buf, T* grad_q, T* grad_k, T* grad_v) {
-  attention_backward_leaf(q, grad_out, out, lse, perm_row, keys, d, scale, buf, grad_q, grad_k,
-                          grad_v);
-}
-inline void backward_leaf(BackwardLeafAvx2 fast, const float* q, const float* grad_out,
-                          const float* out, const float* lse, const int64_t* perm_row,
-                          const LeafKeys& keys, int64_t d, float scale, LeafBuffers<float>& buf,
-                          float* grad_q, float* grad_k, float* grad_v) {
-  if (fast)
-    return fast(q, grad_out, out, lse, perm_row, keys, scale, buf, grad_q, grad_k, grad_v);
-  attention_backward_leaf(q, grad_out, out, lse, perm_row, keys, d, scale, buf, grad_q, grad_k,
-                          grad_v);
-}
-
 template <typename T>
 void clustered_attention_backward_impl(const at::Tensor& grad_out, const at::Tensor& query,
                                        const at::Tensor& key, const at::Tensor& value,
@@ -1029,9 +1006,16 @@ void clustered_attention_backward_impl(const at::Tensor& grad_out, const at::Ten
         if (keys.own.size == 0) continue;
         buf.load(perm_row, keys, k + base * d, v + base * d, d, fast == nullptr,
                  fast != nullptr);
-        backward_leaf(fast, q + base * d, go + base * d, o + base * d, l + base, perm_row, keys,
-                      d, static_cast<T>(scale), buf, gq + base * d, gk + base * d,
-                      gv + base * d);
+        if constexpr (std::is_same<T, float>::value) {
+          if (fast) {
+            fast(q + base * d, go + base * d, o + base * d, l + base, perm_row, keys,
+                 static_cast<T>(scale), buf, gq + base * d, gk + base * d, gv + base * d);
+            continue;
+          }
+        }
+        attention_backward_leaf(q + base * d, go + base * d, o + base * d, l + base, perm_row,
+                                keys, d, static_cast<T>(scale), buf, gq + base * d,
+                                gk + base * d, gv + base * d);
       }
     }
   });
