@@ -230,6 +230,60 @@ def test_clustering_strided_input(impl, dim):
 
 
 @pytest.mark.parametrize('impl', CLUSTER_IMPLS)
+@pytest.mark.parametrize('dim', [32, 6])
+def test_clustering_exact_ties_keep_rank_order(impl, dim):
+    """Equal tokens have equal split scores at every level, and the splits sort stably, so any
+    set of equal tokens keeps ascending token order in perm; a head of one repeated token (all
+    scores tied) is not reordered at all."""
+    gen = torch.Generator().manual_seed(8)
+    values = torch.randn(2, 3, dim, generator=gen)  # 3 distinct tokens per sample
+    labels = torch.randint(0, 3, (2, 700), generator=gen)
+    x = torch.stack([values[b][labels[b]] for b in range(2)])[:, None]  # [2, 1, 700, dim]
+    x = torch.cat([x, values[:, :1, None].expand(2, 1, 700, dim)], dim=1)  # head 1: one token
+    perm, inv = balanced_hierarchical_clustering(x, 7, impl=impl)
+    for b in range(2):
+        for label in range(3):
+            mine = perm[b, 0][labels[b][perm[b, 0]] == label]
+            assert torch.equal(mine, torch.sort(mine).values)
+        assert torch.equal(perm[b, 1], torch.arange(700))
+    assert torch.equal(inv, torch.argsort(perm, dim=-1))
+
+
+@needs_cluster_op
+def test_clustering_non_finite_and_zero_tokens():
+    """NaN and inf tokens and an all-zero head cluster as the reference does."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 4, 400, 32, generator=gen)
+    x[0, 0] = 0.0
+    x[0, 1, 17] = float('nan')
+    x[0, 2, 300, 5] = float('inf')
+    x[0, 3, 3] = -x[0, 3, 250]  # exactly opposite tokens: split scores near 0 and large
+    ext = balanced_hierarchical_clustering(x, 13, impl='ext')
+    ref = balanced_hierarchical_clustering(x, 13, impl='reference')
+    assert torch.equal(ext[0], ref[0]) and torch.equal(ext[1], ref[1])
+    assert torch.equal(ext[0][0, 0], torch.arange(400))
+
+
+@needs_cluster_op
+@pytest.mark.parametrize('shape,m', [((1, 1, 400, 32), 7), ((1, 3, 300, 32), 9),
+                                     ((2, 5, 150, 16), 5), ((1, 2, 100, 6), 3)])
+def test_clustering_thread_count_independent(shape, m):
+    """The splits of a call are spread over the threads without level barriers (fewer rows than
+    threads included); the result must not depend on the thread count."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(10))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(balanced_hierarchical_clustering(x, m, impl='ext'))
+    finally:
+        torch.set_num_threads(threads)
+    for perm, inv in results[1:]:
+        assert torch.equal(perm, results[0][0]) and torch.equal(inv, results[0][1])
+
+
+@pytest.mark.parametrize('impl', CLUSTER_IMPLS)
 def test_clustering_ignores_grad_and_dtype(impl):
     x = torch.randn(1, 2, 60, 4, dtype=torch.float64, requires_grad=True)
     perm, _ = balanced_hierarchical_clustering(x, 8, impl=impl)

@@ -46,6 +46,16 @@ def test_benchmark_quick_table(capsys):
     assert abs(rows[0]['params_m'] - 19.5) < 1.0  # NAT-Mini backbone without its head
 
 
+def test_benchmark_interleaved(capsys):
+    rows = benchmark.main(['--quick', '--interleave', '--models', 'nat-mini', 'convnext-t',
+                           '--impl', 'reference', '--warmup', '0', '--iters', '2'])
+    assert [(r['model'], r['impl']) for r in rows] == [('nat-mini', 'reference'),
+                                                       ('convnext-t', '-')]
+    for row in rows:
+        assert row['latency_ms'] > 0 and row['images_s'] > 0 and row['peak_mem_mb'] >= 0
+    assert 'convnext-t' in capsys.readouterr().out
+
+
 def test_benchmark_bad_args():
     with pytest.raises(SystemExit):
         benchmark.parse_args(['--models', 'resnet-9000'])

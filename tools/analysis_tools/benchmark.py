@@ -2,14 +2,16 @@
 
     python tools/analysis_tools/benchmark.py [--models nat-tiny swin-t convnext-t]
         [--shape 224] [--batch-size 1] [--device auto|cpu|cuda] [--impl auto ext reference]
-        [--mode infer|train] [--iters 20] [--warmup 3] [--quick]
+        [--mode infer|train] [--iters 20] [--warmup 3] [--interleave] [--quick]
 
 Every model is built with random weights and timed on ``[batch, 3, H, W]`` random input.
 ``--impl`` picks the implementation of mmboat's ops (the ``MMBOAT_OPS_IMPL`` variable):
 ``ext`` the compiled kernels, ``reference`` the pure-PyTorch fallback; with several values every
 mmboat model gets one row per value. Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and
 the growth of the process's peak resident set (``VmHWM``, reset before each model) on CPU.
-Prints one table.
+``--interleave`` builds every model first and times them in rounds (each round runs every model
+once, in turn), so latency ratios are taken side by side even when the machine's load drifts;
+peak memory then covers each model's warm-up. Prints one table.
 """
 import argparse
 import os
@@ -53,6 +55,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='infer: no-grad forward; train: forward + backward')
     parser.add_argument('--iters', type=int, default=None, help='timed iterations')
     parser.add_argument('--warmup', type=int, default=None, help='untimed iterations')
+    parser.add_argument('--interleave', action='store_true',
+                        help='time the models in rounds, one step of each per round')
     parser.add_argument('--quick', action='store_true',
                         help='tiny run (64x64, 2 iterations, 1 warm-up): checks that it works')
     args = parser.parse_args(argv)
@@ -135,9 +139,8 @@ def build_model(name: str):
     return MODELS.build(spec)
 
 
-def time_model(model, inputs, mode: str, iters: int, warmup: int,
-               sync: Callable[[], None]) -> List[float]:
-    """Seconds per iteration for ``iters`` timed runs after ``warmup`` untimed ones."""
+def make_step(model, inputs, mode: str) -> Callable[[], None]:
+    """One inference (no grad) or training (forward + backward) step."""
     import torch
 
     def step() -> None:
@@ -149,6 +152,13 @@ def time_model(model, inputs, mode: str, iters: int, warmup: int,
             sum(o.float().mean() for o in outs).backward()
             model.zero_grad(set_to_none=True)
 
+    return step
+
+
+def time_model(model, inputs, mode: str, iters: int, warmup: int,
+               sync: Callable[[], None]) -> List[float]:
+    """Seconds per iteration for ``iters`` timed runs after ``warmup`` untimed ones."""
+    step = make_step(model, inputs, mode)
     for _ in range(warmup):
         step()
     sync()
@@ -171,34 +181,75 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         raise RuntimeError('--device cuda was requested but no CUDA device is available')
     sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
     h, w = args.shape
+
+    def measure(fn: Callable[[], object]):
+        """fn's result and its peak memory in bytes."""
+        if device == 'cuda':
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            out = fn()
+            return out, torch.cuda.max_memory_allocated() - base
+        with CpuPeakMemory() as mem:
+            out = fn()
+        return out, mem.peak
+
+    entries = []  # (model name, impl); built and timed one at a time unless interleaving
     rows = []
     for name in args.models:
-        impls = args.impl if MODEL_ZOO[name]['type'].startswith('mmboat.') else ['-']
-        for impl in impls:
+        for impl in (args.impl if MODEL_ZOO[name]['type'].startswith('mmboat.') else ['-']):
+            entries.append((name, impl))
+    built = []
+    for name, impl in entries:
+        if impl != '-':
+            os.environ['MMBOAT_OPS_IMPL'] = impl
+        torch.manual_seed(0)
+        model = build_model(name).to(device)
+        model.train(args.mode == 'train')
+        inputs = torch.randn(args.batch_size, 3, h, w, device=device)
+        if args.interleave:
+            built.append((name, impl, model, inputs))
+            continue
+        times, peak = measure(
+            lambda: time_model(model, inputs, args.mode, args.iters, args.warmup, sync))
+        rows.append(_row(args, device, name, impl, model, times, peak))
+        del model, inputs
+    if args.interleave:
+        steps, peaks = [], []
+        for name, impl, model, inputs in built:
             if impl != '-':
                 os.environ['MMBOAT_OPS_IMPL'] = impl
-            torch.manual_seed(0)
-            model = build_model(name).to(device)
-            model.train(args.mode == 'train')
-            params = sum(p.numel() for p in model.parameters())
-            inputs = torch.randn(args.batch_size, 3, h, w, device=device)
-            if device == 'cuda':
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                times = time_model(model, inputs, args.mode, args.iters, args.warmup, sync)
-                peak = torch.cuda.max_memory_allocated() - base
-            else:
-                with CpuPeakMemory() as mem:
-                    times = time_model(model, inputs, args.mode, args.iters, args.warmup, sync)
-                peak = mem.peak
-            latency = statistics.median(times)
-            rows.append(dict(model=name, impl=impl, params_m=params / 1e6, device=device,
-                             batch=args.batch_size, shape=f'{h}x{w}', mode=args.mode,
-                             latency_ms=latency * 1e3, images_s=args.batch_size / latency,
-                             peak_mem_mb=peak / 2**20))
-            del model, inputs
+            step = make_step(model, inputs, args.mode)
+
+            def warm(step=step) -> None:
+                for _ in range(max(args.warmup, 1)):
+                    step()
+                sync()
+
+            peaks.append(measure(warm)[1])
+            steps.append(step)
+        times: List[List[float]] = [[] for _ in built]
+        for _ in range(args.iters):
+            for i, (name, impl, model, inputs) in enumerate(built):
+                if impl != '-':
+                    os.environ['MMBOAT_OPS_IMPL'] = impl
+                start = time.perf_counter()
+                steps[i]()
+                sync()
+                times[i].append(time.perf_counter() - start)
+        for (name, impl, model, _), t, peak in zip(built, times, peaks):
+            rows.append(_row(args, device, name, impl, model, t, peak))
     return rows
+
+
+def _row(args: argparse.Namespace, device: str, name: str, impl: str, model,
+         times: List[float], peak: int) -> Dict[str, object]:
+    latency = statistics.median(times)
+    h, w = args.shape
+    return dict(model=name, impl=impl, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                device=device, batch=args.batch_size, shape=f'{h}x{w}', mode=args.mode,
+                latency_ms=latency * 1e3, images_s=args.batch_size / latency,
+                peak_mem_mb=peak / 2**20)
 
 
 def format_table(rows: List[Dict[str, object]]) -> str:

@@ -1,8 +1,8 @@
 """Benchmark of BOAT's feature-space local attention (FSLA) ops and layer.
 
 Times, per map size and implementation (compiled ``ext`` vs pure-PyTorch ``reference``):
-the clustering, the clustered attention, a whole FSLA layer (qkv + clustering + attention +
-depthwise conv on v + proj), a Swin 7x7 window-attention layer of the same width and a global
+the clustering, the clustered attention, a whole FSLA layer (mmboat's
+``FeatureSpaceLocalAttention``: qkv + clustering + attention + depthwise conv on v + proj), a Swin 7x7 window-attention layer of the same width and a global
 attention layer. Forward only, no grad. The timings of one map size are interleaved (every
 round runs each candidate once, in turn) and each keeps its best round, so the ratios are
 measured side by side even when the machine's load drifts.
@@ -13,46 +13,35 @@ Example:
 """
 import argparse
 import math
+import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
 from mmboat.ops import balanced_hierarchical_clustering, clustered_attention, has_ext
 
 
-class FSLALayer(nn.Module):
-    """FSLA module as BOAT defines it (qkv, clustering, clustered attention, get_v, proj).
+class FSLALayer(FeatureSpaceLocalAttention):
+    """The shipped FSLA module (qkv, clustering, clustered attention, get_v, proj), timed.
 
     ``clustering_ms`` lists, per forward, the time spent in the clustering.
     """
 
     def __init__(self, channels: int, num_heads: int, cluster_size: int, overlap: int,
                  impl: Optional[str]) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.cluster_size = cluster_size
-        self.overlap = overlap
-        self.impl = impl
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = nn.Linear(channels, channels)
-        self.get_v = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        super().__init__(channels, num_heads, cluster_size=cluster_size, overlap=overlap,
+                         impl=impl)
         self.clustering_ms: List[float] = []
 
-    def forward(self, x: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
-        batch, tokens, channels = x.shape
-        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+    def cluster(self, query: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
-        perm, _ = balanced_hierarchical_clustering(q, self.cluster_size, impl=self.impl)
+        out = super().cluster(query)
         self.clustering_ms.append(1e3 * (time.perf_counter() - start))
-        out = clustered_attention(q, k, v, perm, self.cluster_size, self.overlap, impl=self.impl)
-        out = out.transpose(1, 2).reshape(batch, tokens, channels)
-        v_map = v.transpose(1, 2).reshape(batch, hw[0], hw[1], channels).permute(0, 3, 1, 2)
-        out = out + self.get_v(v_map).flatten(2).transpose(1, 2)
-        return self.proj(out)
+        return out
 
 
 class WindowAttentionLayer(nn.Module):
@@ -155,12 +144,14 @@ def fsla_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
             window_ms, global_ms = best['window'], best.get('global', float('nan'))
             for impl in impls:
                 cluster_ms, attn_ms = best[f'{impl}/clustering'], best[f'{impl}/attention']
-                # The share is taken inside the layer's best round: the clustering as the layer
-                # runs it (q just written by qkv), not a cold standalone call.
+                # The share is measured inside the layer (the clustering as the layer runs it, q
+                # just written by qkv, not a standalone call): per round, the layer's clustering
+                # time over that forward's time; the median over the rounds (one round's ratio is
+                # a single noisy sample).
                 layer_times = times[f'{impl}/layer']
-                round_ = layer_times.index(min(layer_times))
-                layer_ms = layer_times[round_]
-                share = layers[impl].clustering_ms[-len(layer_times):][round_] / layer_ms
+                layer_ms = min(layer_times)
+                in_layer = layers[impl].clustering_ms[-len(layer_times):]
+                share = statistics.median(c / t for c, t in zip(in_layer, layer_times))
                 rows.append({
                     'map': f'{side}x{side}',
                     'tokens': tokens,
