@@ -329,10 +329,11 @@ void split_group(const GroupIO& io, int64_t d, int64_t* order, int64_t n, int64_
 #if MMBOAT_X86
 // ---------------------------------------------------------------------------------------------
 // AVX2 split of one group (float, d = 8 * NC, NC <= 8), same steps as split_group: the features
-// stay token-major (no transpose); the dot products of 4 tokens with both centroids are reduced
-// together and scaled by the tokens' inverse norms, the soft assignment and the score run on 8
-// tokens at once with a polynomial exp, and the centroid sums stay in registers (the second is
-// the group's total minus the first). A partial last block runs on a zero-padded copy.
+// stay token-major (no transpose); dot products of 8 tokens are reduced together and scaled by
+// the tokens' inverse norms. The soft assignment needs only tau * (cos0 - cos1), one product per
+// token with c0 - c1, and runs on 8 tokens at once with a polynomial exp; the centroid sums stay
+// in registers (the second is the group's total minus the first). The final split scores (both
+// cosines) become sort keys on 8 lanes. A partial last block runs on a zero-padded copy.
 
 // The AVX2 kernels are templates on NC = d / 8 (registers hold a row); instances for NC = 1..8.
 #define MMBOAT_NC_TABLE(kernel) \
@@ -516,9 +517,10 @@ MMBOAT_AVX2 void split_group_avx2_impl(const GroupIO& io, int64_t* order, int64_
     zero_sets<NC>(acc);
     for (int64_t t0 = 0; t0 < n; t0 += kChunk) {
       const int64_t t1 = std::min(n, t0 + kChunk);
-      for (int64_t t = t0; t < t1; t += 8)
-        _mm256_store_ps(w0 + (t - t0),
-                        soft_assign0_diff8(cosine_gap8<NC>(rows(t), stride(t), invs(t), cd, tau_v)));
+      for (int64_t t = t0; t < t1; t += 8) {
+        const __m256 dz = cosine_gap8<NC>(rows(t), stride(t), invs(t), cd, tau_v);
+        _mm256_store_ps(w0 + (t - t0), soft_assign0_diff8(dz));
+      }
       for (int64_t t = t1; t < ((t1 + 7) & ~int64_t(7)); ++t) w0[t - t0] = 0.f;  // padding rows
       for (int64_t t = t0; t < t1; t += 8) {
         const float* x = rows(t);
@@ -554,7 +556,8 @@ MMBOAT_AVX2 void split_group_avx2_impl(const GroupIO& io, int64_t* order, int64_
         _mm256_or_si256(_mm256_xor_si256(b, _mm256_or_si256(_mm256_srai_epi32(b, 31), sign)), nan);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - t)), lane);
-    lo8 = _mm256_min_epu32(lo8, _mm256_or_si256(key, _mm256_andnot_si256(valid, _mm256_set1_epi32(-1))));
+    const __m256i invalid = _mm256_xor_si256(valid, _mm256_set1_epi32(-1));
+    lo8 = _mm256_min_epu32(lo8, _mm256_or_si256(key, invalid));
     hi8 = _mm256_max_epu32(hi8, _mm256_and_si256(key, valid));
     const __m256i rank = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(t)), lane);
     const __m256i k01 = _mm256_unpacklo_epi32(rank, key);  // keys 0 1 | 4 5
@@ -570,24 +573,18 @@ MMBOAT_AVX2 void split_group_avx2_impl(const GroupIO& io, int64_t* order, int64_
   _mm256_store_si256(reinterpret_cast<__m256i*>(hi_lanes), hi8);
   s.score_lo = *std::min_element(lo_lanes, lo_lanes + 8);
   s.score_hi = *std::max_element(hi_lanes, hi_lanes + 8);
-  sort_keys(s.keyed, s.keyed_tmp, s.buckets, s.score_lo, s.score_hi);
-  s.tokens.assign(order, order + n);
-  const int64_t* tokens = s.tokens.data();
-  const uint64_t* keyed = s.keyed.data();
-  if (!io.out_feats) {
-    for (int64_t t = 0; t < n; ++t) order[t] = tokens[keyed[t] & 0xFFFFFFFFu];
-    return;
-  }
-  // The new order, and the features gathered into it: a gather from all over the group (L2 or
-  // beyond for large groups), so prefetch ahead. The rank-half sums of the children (the next
-  // level's initial centroids) are added up on the way.
+  sort_and_reorder(s, order, n, [](int64_t, int64_t) {});
+  if (!io.out_feats) return;
+  // The features gathered into the new order: a gather from all over the group (L2 or beyond
+  // for large groups), so prefetch ahead. The rank-half sums of the children (the next level's
+  // initial centroids) are added up on the way.
   constexpr int64_t kAhead = 8;
+  const uint64_t* keyed = s.keyed.data();
   const float* inv = io.inv;
   float* const out_feats = io.out_feats;
   float* const out_inv = io.out_inv;
   const auto copy_row = [&](int64_t t, __m256* sum) MMBOAT_AVX2 {
     const int64_t src = static_cast<int64_t>(keyed[t] & 0xFFFFFFFFu);
-    order[t] = tokens[src];
     if (t + kAhead < n) {
       const char* ahead = reinterpret_cast<const char*>(
           feats + static_cast<int64_t>(keyed[t + kAhead] & 0xFFFFFFFFu) * xs);
@@ -701,17 +698,17 @@ std::tuple<at::Tensor, at::Tensor> bhc_cluster_cpu(const at::Tensor& x_in, int64
     return x_data + (row / heads) * x.stride(0) + (row % heads) * x.stride(1);
   };
   // Buffers: inverse L2 norms (two of rows * n: every level needs the normalised features) and
-  // two copies of the features ([rows * n, d]). A level reads the features and norms of a group
-  // in the current perm order and writes them in the new order, at the same token offsets, to
-  // the other buffer of a pair (level l writes pair l % 2; level 0 reads x itself). The initial
+  // two copies of the features ([rows * n, d]). Level l reads the features and norms of a group
+  // in the current perm order from pair (l + 1) % 2 (level 0: x itself and x's norms) and
+  // writes them in the new order, at the same token offsets, to pair l % 2. The initial
   // centroid sums of a group of level l >= 1 ([2, d]) sit at its first token's row of buffer
-  // init[(l - 1) % 2] ([rows * n, d]; a group that splits has >= 2 tokens, so its slot holds
+  // init[(l + 1) % 2] ([rows * n, d]; a group that splits has >= 2 tokens, so its slot holds
   // them); its parent's reorder adds them up.
   const int levels = bhc::num_levels(n, cluster_size);
   const int64_t numel = rows * n * d;
   const int64_t pair0 = levels > 1 ? numel : 0, pair1 = levels > 2 ? numel : 0;
   const ClusteringWorkspace work(2 * rows * n + 2 * (pair0 + pair1));
-  float* const inv_buf[2] = {work.data() + rows * n, work.data()};  // level 0 reads [1]
+  float* const inv_buf[2] = {work.data() + rows * n, work.data()};  // [1] starts with x's
   float* const raw_buf[2] = {work.data() + 2 * rows * n, work.data() + 2 * rows * n + pair0};
   float* const init_buf[2] = {raw_buf[1] + pair1, raw_buf[1] + pair1 + pair0};
   at::parallel_for(0, rows * n, 256, [&](int64_t begin, int64_t end) {
@@ -740,23 +737,24 @@ std::tuple<at::Tensor, at::Tensor> bhc_cluster_cpu(const at::Tensor& x_in, int64
   };
   const auto split_task = [&](const Task& task, SplitScratch& scratch) {
     const int level = task.level;
+    const int read = (level + 1) % 2, write = level % 2;  // buffer pairs
     const bool last = level + 1 == levels;  // its features are not read again
     const Extent e = bhc::group_extent(n, level, task.group);
     const int64_t at = task.row * n + e.offset;
     GroupIO io;
-    io.feats = level == 0 ? x_row(task.row) + e.offset * xs : raw_buf[(level - 1) % 2] + at * d;
+    io.feats = level == 0 ? x_row(task.row) + e.offset * xs : raw_buf[read] + at * d;
     io.xs = level == 0 ? xs : d;
-    io.inv = level == 0 ? inv_buf[1] + at : inv_buf[(level - 1) % 2] + at;
-    io.init = level == 0 ? nullptr : init_buf[(level - 1) % 2] + at * d;
-    io.out_feats = last ? nullptr : raw_buf[level % 2] + at * d;
-    io.out_inv = last ? nullptr : inv_buf[level % 2] + at;
+    io.inv = inv_buf[read] + at;
+    io.init = level == 0 ? nullptr : init_buf[read] + at * d;
+    io.out_feats = last ? nullptr : raw_buf[write] + at * d;
+    io.out_inv = last ? nullptr : inv_buf[write] + at;
     const int64_t half = e.size / 2;  // children: [at, at + half), [at + half, at + size)
-    io.out_init[0] = last || half < 2 ? nullptr : init_buf[level % 2] + at * d;
-    io.out_init[1] = last || e.size - half < 2 ? nullptr : init_buf[level % 2] + (at + half) * d;
+    io.out_init[0] = last || half < 2 ? nullptr : init_buf[write] + at * d;
+    io.out_init[1] = last || e.size - half < 2 ? nullptr : init_buf[write] + (at + half) * d;
     split_group(io, d, order + at, e.size, iters, tau_f, scratch);
   };
   if (levels > 0) {
-    std::mutex mu;  // guards the four below
+    std::mutex mu;  // guards stacked, next_row, unfinished and error
     std::condition_variable wake;  // a task was stacked, or the work ended
     std::vector<Task> stacked;
     int64_t next_row = 0;
