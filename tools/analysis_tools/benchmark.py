@@ -19,7 +19,6 @@ import os.path as osp
 import statistics
 import sys
 import threading
-import time
 from typing import Callable, Dict, List, Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
@@ -155,24 +154,10 @@ def make_step(model, inputs, mode: str) -> Callable[[], None]:
     return step
 
 
-def time_model(model, inputs, mode: str, iters: int, warmup: int,
-               sync: Callable[[], None]) -> List[float]:
-    """Seconds per iteration for ``iters`` timed runs after ``warmup`` untimed ones."""
-    step = make_step(model, inputs, mode)
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     import torch
+
+    from mmboat.utils.timing import time_rounds
 
     device = args.device
     if device == 'auto':
@@ -194,51 +179,35 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
             out = fn()
         return out, mem.peak
 
-    entries = []  # (model name, impl); built and timed one at a time unless interleaving
-    rows = []
-    for name in args.models:
-        for impl in (args.impl if MODEL_ZOO[name]['type'].startswith('mmboat.') else ['-']):
-            entries.append((name, impl))
-    built = []
-    for name, impl in entries:
-        if impl != '-':
-            os.environ['MMBOAT_OPS_IMPL'] = impl
+    def prepare(name: str, impl: str):
+        """The model and its step, which selects its op implementation first."""
+        use_impl = (lambda: None) if impl == '-' else (
+            lambda: os.environ.__setitem__('MMBOAT_OPS_IMPL', impl))
+        use_impl()
         torch.manual_seed(0)
         model = build_model(name).to(device)
         model.train(args.mode == 'train')
-        inputs = torch.randn(args.batch_size, 3, h, w, device=device)
-        if args.interleave:
-            built.append((name, impl, model, inputs))
-            continue
-        times, peak = measure(
-            lambda: time_model(model, inputs, args.mode, args.iters, args.warmup, sync))
-        rows.append(_row(args, device, name, impl, model, times, peak))
-        del model, inputs
-    if args.interleave:
-        steps, peaks = [], []
-        for name, impl, model, inputs in built:
-            if impl != '-':
-                os.environ['MMBOAT_OPS_IMPL'] = impl
-            step = make_step(model, inputs, args.mode)
+        step = make_step(model, torch.randn(args.batch_size, 3, h, w, device=device), args.mode)
+        return model, lambda: (use_impl(), step())
 
-            def warm(step=step) -> None:
-                for _ in range(max(args.warmup, 1)):
-                    step()
-                sync()
-
-            peaks.append(measure(warm)[1])
-            steps.append(step)
-        times: List[List[float]] = [[] for _ in built]
-        for _ in range(args.iters):
-            for i, (name, impl, model, inputs) in enumerate(built):
-                if impl != '-':
-                    os.environ['MMBOAT_OPS_IMPL'] = impl
-                start = time.perf_counter()
-                steps[i]()
-                sync()
-                times[i].append(time.perf_counter() - start)
-        for (name, impl, model, _), t, peak in zip(built, times, peaks):
-            rows.append(_row(args, device, name, impl, model, t, peak))
+    entries = [(name, impl) for name in args.models
+               for impl in (args.impl if MODEL_ZOO[name]['type'].startswith('mmboat.') else ['-'])]
+    rows = []
+    if not args.interleave:  # one model at a time, the others freed
+        for name, impl in entries:
+            model, step = prepare(name, impl)
+            times, peak = measure(
+                lambda: time_rounds({0: step}, args.iters, args.warmup, sync)[0])
+            rows.append(_row(args, device, name, impl, model, times, peak))
+            del model, step
+        return rows
+    prepared = [prepare(name, impl) for name, impl in entries]
+    # Peak memory over each model's warm-up (at least one step), then the timed rounds.
+    peaks = [measure(lambda: time_rounds({0: step}, 0, max(args.warmup, 1), sync))[1]
+             for _, step in prepared]
+    times = time_rounds(dict(enumerate(step for _, step in prepared)), args.iters, 0, sync)
+    for i, ((name, impl), (model, _), peak) in enumerate(zip(entries, prepared, peaks)):
+        rows.append(_row(args, device, name, impl, model, times[i], peak))
     return rows
 
 

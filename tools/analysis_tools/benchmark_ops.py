@@ -21,7 +21,6 @@ import importlib.util
 import os
 import statistics
 import sys
-import time
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from mmboat.ops import na2d, neighborhood_attention_op_available  # noqa: E402
+from mmboat.utils.timing import time_rounds  # noqa: E402
 
 Table = Tuple[List[str], List[List[str]]]
 
@@ -81,16 +81,8 @@ def _sync(device: torch.device) -> None:
 def time_ms(fn: Callable[[], object], reps: int, warmup: int = 2,
             device: torch.device = torch.device('cpu')) -> float:
     """Median wall time of ``fn`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    times = time_rounds({0: fn}, reps, warmup, lambda: _sync(device))[0]
+    return statistics.median(times) * 1e3
 
 
 def gemm_gflops(size: int, dtype: torch.dtype, device: torch.device, reps: int) -> float:

@@ -2,10 +2,12 @@
 
 Times, per map size and implementation (compiled ``ext`` vs pure-PyTorch ``reference``):
 the clustering, the clustered attention, a whole FSLA layer (mmboat's
-``FeatureSpaceLocalAttention``: qkv + clustering + attention + depthwise conv on v + proj), a Swin 7x7 window-attention layer of the same width and a global
-attention layer. Forward only, no grad. The timings of one map size are interleaved (every
-round runs each candidate once, in turn) and each keeps its best round, so the ratios are
-measured side by side even when the machine's load drifts.
+``FeatureSpaceLocalAttention``: qkv + clustering + attention + depthwise conv on v + proj), a
+Swin 7x7 window-attention layer of the same width and a global attention layer. Forward only,
+no grad. The timings of one map size are interleaved (every round runs each candidate once, in
+turn) and each keeps its best round, so the ratios are measured side by side even when the
+machine's load drifts; the clustering share is the median over the rounds of the clustering's
+part of that round's layer forward.
 
 Example:
     python tools/analysis_tools/fsla_benchmark.py              # 28x28, 56x56, 128x128
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
 from mmboat.ops import balanced_hierarchical_clustering, clustered_attention, has_ext
+from mmboat.utils.timing import time_rounds
 
 
 class FSLALayer(FeatureSpaceLocalAttention):
@@ -94,22 +97,6 @@ class GlobalAttentionLayer(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
 
 
-def _time_ms_interleaved(fns: Dict[str, Callable[[], object]], warmup: int,
-                        repeats: int) -> Dict[str, List[float]]:
-    """Per function, its time in each of ``repeats`` rounds, in milliseconds; every round calls
-    each function once, in turn, so slow spells on a shared machine hit all of them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return times
-
-
 def fsla_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
     """Measure every (map size, implementation) pair; one dict per row."""
     torch.manual_seed(0)
@@ -139,7 +126,8 @@ def fsla_rows(args: argparse.Namespace) -> List[Dict[str, object]]:
                     lambda impl=impl, perm=perm: clustered_attention(q, k, v, perm, m, o,
                                                                      impl=impl))
                 fns[f'{impl}/layer'] = lambda layer=layer: layer(x, hw)
-            times = _time_ms_interleaved(fns, args.warmup, args.repeats)
+            times = {name: [1e3 * t for t in ts]  # ms
+                     for name, ts in time_rounds(fns, args.repeats, args.warmup).items()}
             best = {name: min(t) for name, t in times.items()}
             window_ms, global_ms = best['window'], best.get('global', float('nan'))
             for impl in impls:

@@ -1,0 +1,33 @@
+"""Wall-clock timing for the benchmark tools."""
+import time
+from typing import Callable, Dict, Hashable, List, Mapping, TypeVar
+
+K = TypeVar('K', bound=Hashable)
+
+
+def time_rounds(fns: Mapping[K, Callable[[], object]], repeats: int, warmup: int = 0,
+                sync: Callable[[], None] = lambda: None) -> Dict[K, List[float]]:
+    """Seconds per call of each function in each of ``repeats`` rounds.
+
+    ``warmup`` untimed rounds come first. Every round calls each function once, in turn, so
+    slow spells on a shared machine hit all of them alike and their ratios are taken side by
+    side; with one function this is a plain timing loop. ``sync`` runs after every call, inside
+    the timing (e.g. ``torch.cuda.synchronize``).
+
+    Examples:
+        >>> times = time_rounds({'a': lambda: sum(range(100))}, repeats=3)
+        >>> len(times['a'])
+        3
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+            sync()
+    times: Dict[K, List[float]] = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - start)
+    return times
