@@ -157,6 +157,10 @@ def test_fused_random_sweep(dtype, atol, rtol):
     (2, (1, 2, 8, 9, 16), (4, 2), (2, 1), (True, True), False),  # even + causal
     (1, (2, 3, 25, 8), (7, ), (3, ), (False, ), True),
     (3, (1, 2, 4, 6, 5, 8), (3, 3, 3), (1, 2, 1), (True, False, False), False),
+    # rows wider than the backward's 64-column strips, with last-axis dilation groups
+    (2, (1, 1, 4, 150, 8), (3, 7), (1, 3), (False, False), True),
+    (2, (1, 2, 3, 131, 16), (3, 5), (1, 2), (False, True), False),
+    (1, (1, 2, 140, 32), (9, ), (4, ), (False, ), True),
 ])
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 def test_fused_border_cases(case, dtype):

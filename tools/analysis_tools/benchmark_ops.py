@@ -5,8 +5,9 @@ Suites:
 * ``na``: neighborhood attention (``mmboat.ops.na2d``) per problem ``B x heads x H x W x D,
   k, dilation``: the compiled op, the pure-PyTorch reference, dense SDPA over the whole map and
   Swin-style 7x7 window attention through SDPA on the same tokens; forward and
-  forward+backward times, the compiled op's GFLOP/s and its share of the machine's float32
-  GEMM rate (``torch.mm``, measured in the same run).
+  forward+backward times (timed in alternating rounds) and, for the compiled op, their ratio,
+  its GFLOP/s and its share of the machine's float32 GEMM rate (``torch.mm``, measured in the
+  same run).
 * ``fsla``: hook for the feature-space local attention benchmark; runs
   ``fsla_rows(args)`` from ``tools/analysis_tools/fsla_benchmark.py`` when that file exists
   (it returns ``(header, rows)``: a list of column names and a list of rows of strings).
@@ -147,7 +148,8 @@ def na_rows(args: argparse.Namespace) -> Table:
     problems = QUICK_PROBLEMS if args.quick else (args.problems or DEFAULT_PROBLEMS)
     has_ext = neighborhood_attention_op_available('na2d_forward', device)
     header = [
-        'problem', 'NA ext fwd ms', 'NA ext fwd+bwd ms', 'NA ext GFLOP/s', '% of GEMM',
+        'problem', 'NA ext fwd ms', 'NA ext fwd+bwd ms', 'fwd+bwd / fwd', 'NA ext GFLOP/s',
+        '% of GEMM',
         'NA ref fwd ms', 'NA ref fwd+bwd ms', 'dense SDPA fwd ms', 'dense SDPA fwd+bwd ms',
         'Swin 7x7 SDPA fwd ms', 'Swin 7x7 SDPA fwd+bwd ms'
     ]
@@ -164,10 +166,18 @@ def na_rows(args: argparse.Namespace) -> Table:
         reps = args.reps
 
         def measure(fn, inp):
-            with torch.no_grad():
-                fwd = time_ms(lambda: fn(*inp), reps, device=device)
-            both = time_ms(_forward_backward(fn, inp, grad), reps, device=device)
-            return fwd, both
+            # Forward and forward+backward alternate in the same rounds, so their ratio is
+            # taken side by side on a shared machine.
+            def forward():
+                with torch.no_grad():
+                    fn(*inp)
+
+            times = time_rounds({
+                'fwd': forward,
+                'both': _forward_backward(fn, inp, grad)
+            }, reps, 2, lambda: _sync(device))
+            return (statistics.median(times['fwd']) * 1e3,
+                    statistics.median(times['both']) * 1e3)
 
         ext = ref = dense = swin = (None, None)
         if has_ext:
@@ -182,15 +192,16 @@ def na_rows(args: argparse.Namespace) -> Table:
         if p.tokens() <= args.max_dense_tokens:
             dense = measure(dense_attention, (q, k, v))
         swin = measure(lambda *a: swin_window_attention(*a, 7), (q, k, v))
-        gflops = pct = '-'
+        gflops = pct = ratio = '-'
         if ext[0] is not None:
+            ratio = f'{ext[1] / ext[0]:.2f}x'
             rate = p.flops() / (ext[0] * 1e-3) / 1e9
             gflops = f'{rate:.1f}'
             pct = f'{100 * rate / args.gemm_rate:.0f}%'
         rows.append([
             p.label(),
             _fmt(ext[0]),
-            _fmt(ext[1]), gflops, pct,
+            _fmt(ext[1]), ratio, gflops, pct,
             _fmt(ref[0]),
             _fmt(ref[1]),
             _fmt(dense[0]),

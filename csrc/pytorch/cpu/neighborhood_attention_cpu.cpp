@@ -7,13 +7,16 @@
 // weighted sum in registers, a polynomial exp); everything else runs generic loops with
 // float32 (float64 for float64) accumulation.
 //
-// Backward (flash style): p is recomputed from the saved log-sum-exp. Gradients of keys and
-// values are scattered; race freedom and determinism come from the task layout: tasks are
-// blocks of 2k-2 rows of one dilation group along the outermost non-trivial axis, and blocks
-// of even then odd index run in two phases, so two tasks that run together never touch the
-// same key. The rpb gradient is accumulated per task and summed in task order. Inside a task,
-// queries go in register blocks of kQB neighbours along the last axis (dK / dV rows are read
-// and written once per block), and wide maps are walked in column strips to stay in L2.
+// Backward (flash style): p is recomputed from the saved log-sum-exp. Race freedom and
+// determinism come from the task layout: tasks are blocks of 2k-2 rows of one dilation group
+// along the outermost non-trivial axis, and blocks of even then odd index run in two phases,
+// so two tasks that run together never touch the same key. The rpb gradient is accumulated
+// per task and summed in task order. A task walks its query rows in pieces (strips of 64
+// columns on wide maps, to stay in L2) and does each piece in two passes: query by query
+// (logits and dO . V in one sweep over the window, p, ds, dQ), then key by key (dK and dV of
+// every key the piece reaches, summed over the contiguous run of the piece's queries whose
+// windows hold it, so each key's gradient rows are read and written once per piece; the AVX2
+// path takes keys in pairs so that a query row loaded once feeds both).
 // When the last axis is not causal, every query of a row shares one slot list and a table of
 // its rpb values (FixedRow), so the per-query work is only the dot products and sums.
 #include <ATen/Parallel.h>
@@ -22,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "neighborhood_attention_checks.h"
@@ -39,8 +43,6 @@
 namespace mmboat {
 namespace na {
 namespace {
-
-constexpr int kQB = 4;  // queries per register block in the backward scatter
 
 template <typename T>
 struct AccOf {
@@ -70,6 +72,16 @@ struct GenericOps {
       out[s] = add ? a + add[s] : a;
     }
   }
+  // out[s] = q . krow(s) (+ add[s]) and out2[s] = g . vrow(s) over one slot list.
+  static MMBOAT_INLINE void dots2(const acc_t* __restrict q, const acc_t* __restrict g,
+                                  const scalar_t* __restrict kbase,
+                                  const scalar_t* __restrict vbase,
+                                  const int64_t* __restrict off, int n, int dim,
+                                  acc_t* __restrict out, acc_t* __restrict out2,
+                                  const acc_t* __restrict add) {
+    dots(q, kbase, off, n, dim, out, add);
+    dots(g, vbase, off, n, dim, out2);
+  }
   // acc += sum_s w[s] * row(s)
   static MMBOAT_INLINE void weighted_sum(const acc_t* __restrict w,
                                          const scalar_t* __restrict base,
@@ -88,34 +100,39 @@ struct GenericOps {
 #pragma omp simd
     for (int d = 0; d < dim; ++d) y[d] += c * x[d];
   }
-  // x[s] = exp(x[s] - shift)
+  // x[s] = exp(x[s] - shift) for s < n
   static MMBOAT_INLINE void exp_shift(acc_t* __restrict x, int n, acc_t shift) {
     for (int s = 0; s < n; ++s) x[s] = std::exp(x[s] - shift);
   }
-  // For each of ncols keys c (element offset off0 + c * step): dk += sum_i ca[c][i] * qs[i],
-  // dv += sum_i cb[c][i] * gs[i], i < kQB (coefficients laid out [c][kQB]).
-  static MMBOAT_INLINE void scatter_cols(const acc_t* __restrict ca, const acc_t* __restrict cb,
-                                         int ncols, const acc_t* const* qs,
-                                         const acc_t* const* gs, acc_t* __restrict dk,
-                                         acc_t* __restrict dv, int64_t off0, int64_t step,
-                                         int dim) {
-    for (int c = 0; c < ncols; ++c) {
-      acc_t* __restrict yk = dk + off0 + c * step;
-      acc_t* __restrict yv = dv + off0 + c * step;
-      for (int i = 0; i < kQB; ++i) {
-        const acc_t a = ca[c * kQB + i], b = cb[c * kQB + i];
-        const acc_t* __restrict qi = qs[i];
-        const acc_t* __restrict gi = gs[i];
-        if (a != acc_t(0)) {
+  // Gradient rows of the keys u0 + b (b < nu) of one key row, b-th at element offset
+  // b * kstride: dk += sum_i ds[coff[i] + u] * qb[i] and dv += sum_i p[coff[i] + u] * gb[i]
+  // over the piece's queries lo[b] <= i < hi[b] (query rows of dim values).
+  static MMBOAT_INLINE void key_row(const acc_t* __restrict ds, const acc_t* __restrict p,
+                                    const int64_t* __restrict coff, const int* __restrict lo,
+                                    const int* __restrict hi, int64_t u0, int nu,
+                                    const acc_t* __restrict qb, const acc_t* __restrict gb,
+                                    acc_t* __restrict dk, acc_t* __restrict dv, int64_t kstride,
+                                    int dim) {
+    for (int b = 0; b < nu; ++b) {
+      acc_t* __restrict yk = dk + b * kstride;
+      acc_t* __restrict yv = dv + b * kstride;
+      for (int i = lo[b]; i < hi[b]; ++i) {
+        const acc_t a = ds[coff[i] + u0 + b], c = p[coff[i] + u0 + b];
+        const acc_t* __restrict qi = qb + int64_t(i) * dim;
+        const acc_t* __restrict gi = gb + int64_t(i) * dim;
 #pragma omp simd
-          for (int d = 0; d < dim; ++d) yk[d] += a * qi[d];
-        }
-        if (b != acc_t(0)) {
-#pragma omp simd
-          for (int d = 0; d < dim; ++d) yv[d] += b * gi[d];
+        for (int d = 0; d < dim; ++d) {
+          yk[d] += a * qi[d];
+          yv[d] += c * gi[d];
         }
       }
     }
+  }
+  static MMBOAT_INLINE acc_t dot(const acc_t* __restrict x, const acc_t* __restrict y,
+                                 int dim) {
+    acc_t a = 0;
+    for (int d = 0; d < dim; ++d) a += x[d] * y[d];
+    return a;
   }
   static MMBOAT_INLINE acc_t max_of(const acc_t* __restrict x, int n) {
     acc_t m = x[0];
@@ -196,6 +213,75 @@ struct Avx2Ops {
     }
   }
 
+  // GenericOps::dots2 for 4 slots at a time: the 4 logits and the 4 dO . V sums share one
+  // horizontal reduction. NV = dim / 8 when it is a template constant, 0 for any dim.
+  template <int NV>
+  MMBOAT_AVX2 static inline void dots2_nv(const float* __restrict q, const float* __restrict g,
+                                          const float* __restrict kbase,
+                                          const float* __restrict vbase,
+                                          const int64_t* __restrict off, int n, int dim,
+                                          float* __restrict out, float* __restrict out2,
+                                          const float* __restrict add) {
+    const int nv = NV > 0 ? NV : dim / 8;
+    int s = 0;
+    for (; s + 4 <= n; s += 4) {
+      const float* k0 = kbase + off[s];
+      const float* k1 = kbase + off[s + 1];
+      const float* k2 = kbase + off[s + 2];
+      const float* k3 = kbase + off[s + 3];
+      const float* v0 = vbase + off[s];
+      const float* v1 = vbase + off[s + 1];
+      const float* v2 = vbase + off[s + 2];
+      const float* v3 = vbase + off[s + 3];
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+             a3 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(),
+             b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+      for (int v = 0; v < nv; ++v) {
+        const int d = 8 * v;
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+        const __m256 gv = _mm256_loadu_ps(g + d);
+        b0 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(v0 + d), b0);
+        b1 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(v1 + d), b1);
+        b2 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(v2 + d), b2);
+        b3 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(v3 + d), b3);
+      }
+      const __m256 r = simd::hsum8(a0, a1, a2, a3, b0, b1, b2, b3);
+      __m128 lo = _mm256_castps256_ps128(r);
+      if (add) lo = _mm_add_ps(lo, _mm_loadu_ps(add + s));
+      _mm_storeu_ps(out + s, lo);
+      _mm_storeu_ps(out2 + s, _mm256_extractf128_ps(r, 1));
+    }
+    for (; s < n; ++s) {
+      const float* k0 = kbase + off[s];
+      const float* v0 = vbase + off[s];
+      __m256 a0 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps();
+      for (int v = 0; v < nv; ++v) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), _mm256_loadu_ps(k0 + 8 * v), a0);
+        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(g + 8 * v), _mm256_loadu_ps(v0 + 8 * v), b0);
+      }
+      out[s] = add ? simd::hsum1(a0) + add[s] : simd::hsum1(a0);
+      out2[s] = simd::hsum1(b0);
+    }
+  }
+
+  MMBOAT_AVX2 static inline void dots2(const float* __restrict q, const float* __restrict g,
+                                       const float* __restrict kbase,
+                                       const float* __restrict vbase,
+                                       const int64_t* __restrict off, int n, int dim,
+                                       float* __restrict out, float* __restrict out2,
+                                       const float* __restrict add) {
+    switch (dim) {
+      case 16: return dots2_nv<2>(q, g, kbase, vbase, off, n, dim, out, out2, add);
+      case 32: return dots2_nv<4>(q, g, kbase, vbase, off, n, dim, out, out2, add);
+      case 64: return dots2_nv<8>(q, g, kbase, vbase, off, n, dim, out, out2, add);
+      default: return dots2_nv<0>(q, g, kbase, vbase, off, n, dim, out, out2, add);
+    }
+  }
+
   MMBOAT_AVX2 static inline void weighted_sum(const float* __restrict w,
                                                      const float* __restrict base,
                                                      const int64_t* __restrict off, int n,
@@ -251,34 +337,85 @@ struct Avx2Ops {
     }
   }
 
-  MMBOAT_AVX2 static inline void scatter_cols(const float* __restrict ca,
-                                              const float* __restrict cb, int ncols,
-                                              const float* const* qs, const float* const* gs,
-                                              float* __restrict dk, float* __restrict dv,
-                                              int64_t off0, int64_t step, int dim) {
-    static_assert(kQB == 4, "register block of 4 queries");
-    for (int d0 = 0; d0 < dim; d0 += 8) {
-      const __m256 q0 = _mm256_loadu_ps(qs[0] + d0), q1 = _mm256_loadu_ps(qs[1] + d0),
-                   q2 = _mm256_loadu_ps(qs[2] + d0), q3 = _mm256_loadu_ps(qs[3] + d0);
-      const __m256 g0 = _mm256_loadu_ps(gs[0] + d0), g1 = _mm256_loadu_ps(gs[1] + d0),
-                   g2 = _mm256_loadu_ps(gs[2] + d0), g3 = _mm256_loadu_ps(gs[3] + d0);
-      float* yk = dk + off0 + d0;
-      float* yv = dv + off0 + d0;
-      for (int c = 0; c < ncols; ++c, yk += step, yv += step) {
-        const float* a = ca + c * 4;
-        const float* b = cb + c * 4;
-        __m256 k0 = _mm256_mul_ps(_mm256_broadcast_ss(a + 0), q0);
-        __m256 k1 = _mm256_mul_ps(_mm256_broadcast_ss(a + 1), q1);
-        k0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a + 2), q2, k0);
-        k1 = _mm256_fmadd_ps(_mm256_broadcast_ss(a + 3), q3, k1);
-        __m256 v0 = _mm256_mul_ps(_mm256_broadcast_ss(b + 0), g0);
-        __m256 v1 = _mm256_mul_ps(_mm256_broadcast_ss(b + 1), g1);
-        v0 = _mm256_fmadd_ps(_mm256_broadcast_ss(b + 2), g2, v0);
-        v1 = _mm256_fmadd_ps(_mm256_broadcast_ss(b + 3), g3, v1);
-        _mm256_storeu_ps(yk, _mm256_add_ps(_mm256_loadu_ps(yk), _mm256_add_ps(k0, k1)));
-        _mm256_storeu_ps(yv, _mm256_add_ps(_mm256_loadu_ps(yv), _mm256_add_ps(v0, v1)));
+  // y0 += sum_{lo0 <= i < hi0} c[coff[i] + u] * rows[i] and, when y1 is not null,
+  // y1 += sum_{lo1 <= i < hi1} c[coff[i] + u + 1] * rows[i], for NV * 8 columns; the runs
+  // grow with the key (lo0 <= lo1, hi0 <= hi1), so a row shared by both is loaded once.
+  template <int NV>
+  MMBOAT_AVX2 static inline void pair_sums(const float* __restrict c,
+                                           const int64_t* __restrict coff, int lo0, int hi0,
+                                           int lo1, int hi1, int64_t u,
+                                           const float* __restrict rows, int dim,
+                                           float* __restrict y0, float* __restrict y1) {
+    __m256 a0[NV], a1[NV];
+    for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm256_setzero_ps();
+    if (!y1) lo1 = hi1 = hi0;
+    int i = lo0;
+    for (const int e = std::min(hi0, lo1); i < e; ++i) {
+      const __m256 w0 = _mm256_broadcast_ss(c + coff[i] + u);
+      const float* x = rows + int64_t(i) * dim;
+      for (int v = 0; v < NV; ++v) a0[v] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 8 * v), a0[v]);
+    }
+    for (i = lo1; i < hi0; ++i) {
+      const float* cc = c + coff[i] + u;
+      const __m256 w0 = _mm256_broadcast_ss(cc), w1 = _mm256_broadcast_ss(cc + 1);
+      const float* x = rows + int64_t(i) * dim;
+      for (int v = 0; v < NV; ++v) {
+        const __m256 xv = _mm256_loadu_ps(x + 8 * v);
+        a0[v] = _mm256_fmadd_ps(w0, xv, a0[v]);
+        a1[v] = _mm256_fmadd_ps(w1, xv, a1[v]);
       }
     }
+    for (i = std::max(lo1, hi0); i < hi1; ++i) {
+      const __m256 w1 = _mm256_broadcast_ss(c + coff[i] + u + 1);
+      const float* x = rows + int64_t(i) * dim;
+      for (int v = 0; v < NV; ++v) a1[v] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8 * v), a1[v]);
+    }
+    for (int v = 0; v < NV; ++v)
+      _mm256_storeu_ps(y0 + 8 * v, _mm256_add_ps(_mm256_loadu_ps(y0 + 8 * v), a0[v]));
+    if (y1)
+      for (int v = 0; v < NV; ++v)
+        _mm256_storeu_ps(y1 + 8 * v, _mm256_add_ps(_mm256_loadu_ps(y1 + 8 * v), a1[v]));
+  }
+
+  // See GenericOps::key_row; keys go in pairs, 32 columns at a time, dK and dV apart, with
+  // the sums in registers.
+  MMBOAT_AVX2 static inline void key_row(const float* __restrict ds, const float* __restrict p,
+                                         const int64_t* __restrict coff,
+                                         const int* __restrict lo, const int* __restrict hi,
+                                         int64_t u0, int nu, const float* __restrict qb,
+                                         const float* __restrict gb, float* __restrict dk,
+                                         float* __restrict dv, int64_t kstride, int dim) {
+    for (int b = 0; b < nu; b += 2) {
+      const bool two = b + 1 < nu;
+      const int lo1 = two ? lo[b + 1] : 0, hi1 = two ? hi[b + 1] : 0;
+      float* yk = dk + b * kstride;
+      float* yv = dv + b * kstride;
+      int d0 = 0;
+      for (; d0 + 32 <= dim; d0 += 32) {
+        pair_sums<4>(ds, coff, lo[b], hi[b], lo1, hi1, u0 + b, qb + d0, dim, yk + d0,
+                     two ? yk + kstride + d0 : nullptr);
+        pair_sums<4>(p, coff, lo[b], hi[b], lo1, hi1, u0 + b, gb + d0, dim, yv + d0,
+                     two ? yv + kstride + d0 : nullptr);
+      }
+      for (; d0 < dim; d0 += 8) {
+        pair_sums<1>(ds, coff, lo[b], hi[b], lo1, hi1, u0 + b, qb + d0, dim, yk + d0,
+                     two ? yk + kstride + d0 : nullptr);
+        pair_sums<1>(p, coff, lo[b], hi[b], lo1, hi1, u0 + b, gb + d0, dim, yv + d0,
+                     two ? yv + kstride + d0 : nullptr);
+      }
+    }
+  }
+
+  MMBOAT_AVX2 static inline float dot(const float* __restrict x, const float* __restrict y,
+                                      int dim) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int d = 0;
+    for (; d + 16 <= dim; d += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + d + 8), _mm256_loadu_ps(y + d + 8), a1);
+    }
+    if (d < dim) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d), a0);
+    return simd::hsum1(_mm256_add_ps(a0, a1));
   }
 
   MMBOAT_AVX2 static inline float max_of(const float* __restrict x, int n) {
@@ -339,17 +476,12 @@ struct Avx2Ops {
     return _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
   }
 
+  // x[s] = exp(x[s] - shift) for s < n; x has room for n rounded up to a multiple of 8, and
+  // the entries from n to there are overwritten.
   MMBOAT_AVX2 static inline void exp_shift(float* __restrict x, int n, float shift) {
     const __m256 sv = _mm256_set1_ps(shift);
-    int s = 0;
-    for (; s + 8 <= n; s += 8)
+    for (int s = 0; s < n; s += 8)
       _mm256_storeu_ps(x + s, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), sv)));
-    if (s < n) {
-      alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int j = 0; j < n - s; ++j) tmp[j] = x[s + j];
-      _mm256_store_ps(tmp, exp8(_mm256_sub_ps(_mm256_load_ps(tmp), sv)));
-      for (int j = 0; j < n - s; ++j) x[s + j] = tmp[j];
-    }
   }
 };
 
@@ -498,7 +630,7 @@ void run_phased(const Shape3d& s, const TaskGrid& g, const Fn& fn) {
         if (first >= s.size[g.axis]) continue;
         // Wide maps are walked in strips of kStrip columns so that the keys (and their
         // gradient rows) of consecutive query rows stay in the L2 cache.
-        constexpr int64_t kStrip = 32;
+        constexpr int64_t kStrip = 64;
         if (g.axis == 2) {
           fn(task, bh, int64_t(0), int64_t(0), first, last, int64_t(d));
         } else if (g.axis == 1) {
@@ -531,27 +663,39 @@ void reduce_bias(const Shape3d& s, const TaskGrid& g, const std::vector<acc_t>& 
       }
 }
 
-// Thread scratch sized for one query.
+// Thread scratch sized for one query; the backward adds the per-piece buffers.
 template <typename acc_t>
 struct Scratch {
   std::vector<int64_t> off, bias;
   std::vector<int> slot;
   std::vector<acc_t> a, b, q, q2, acc;
-  // Backward register blocks: kQB queries' p, ds, q, grad_out and scatter coefficients.
-  int64_t pstride = 0;
-  std::vector<acc_t> bp, bds, bq, bg, ca, cb;
   FixedRow<acc_t> fixed;
-  Scratch(int64_t slots, int64_t dim, int64_t cols = 0)
+  // Backward piece: p and ds per query (rows of pstride), q * scale and grad_out per query,
+  // window start / end (in dilation-group units) and size per query, per-query offsets of a
+  // key row's coefficients, ds row sums per rpb start.
+  int64_t pstride = 0;
+  std::vector<acc_t> pp, pds, pq, pg, dsum;
+  std::vector<int64_t> su, eu, coff;
+  std::vector<int> cnt, lo, hi;  // lo / hi: run of queries holding each key of a group
+  std::vector<char> bs_used;
+  Scratch(int64_t slots, int64_t dim)
       : off(slots), bias(slots), slot(slots), a(slots + 8), b(slots + 8), q(dim), q2(dim),
-        acc(dim) {
-    if (cols > 0) {
-      pstride = slots + 8;
-      bp.assign(kQB * pstride, acc_t(0));
-      bds.assign(kQB * pstride, acc_t(0));
-      bq.assign(kQB * dim, acc_t(0));
-      bg.assign(kQB * dim, acc_t(0));
-      ca.assign((cols + kQB) * kQB, acc_t(0));
-      cb.assign((cols + kQB) * kQB, acc_t(0));
+        acc(dim), pstride(slots + 8) {}
+  void piece(int64_t n, int64_t dim) {
+    if (int64_t(cnt.size()) >= n) return;
+    pp.resize(n * pstride);
+    pds.resize(n * pstride);
+    pq.resize(n * dim);
+    pg.resize(n * dim);
+    su.resize(n);
+    eu.resize(n);
+    coff.resize(n);
+    cnt.resize(n);
+  }
+  void runs(int nu) {
+    if (int(lo.size()) < nu) {
+      lo.resize(nu);
+      hi.resize(nu);
     }
   }
 };
@@ -719,6 +863,14 @@ struct BackwardArgs {
   acc_t* dbias;      // [tasks, bias_size] or null
 };
 
+// One piece of a query row (the queries w0, w0 + wstep, ... < w1, taken per dilation group of
+// the last axis), in two passes:
+//  1. query by query: logits and dO . V over the window, p from the saved log-sum-exp,
+//     ds = p * (dO . V - delta) and dQ; p and ds of every query of the piece are kept;
+//  2. key by key, for each key row the piece reaches: dK += sum ds * q * scale and
+//     dV += sum p * dO over the piece's queries whose window holds the key. Window starts and
+//     ends grow with the query, so these queries are a contiguous run of the group (found by
+//     two pointers), and the key's gradient rows are read and written once per piece.
 template <class Ops, typename scalar_t>
 MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const BackwardArgs<scalar_t>& A,
                                       Scratch<typename AccOf<scalar_t>::type>& sc,
@@ -736,100 +888,121 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
   acc_t* dvb = A.dv + bh * bh_stride;
   const scalar_t* rpb = P.rpb ? P.rpb + (bh % s.heads) * s.bias_size() : nullptr;
   acc_t* dbias = A.dbias ? A.dbias + task * s.bias_size() : nullptr;
-  // Queries are taken in blocks of kQB consecutive members of one dilation group of the last
-  // axis: their windows share most key columns, so each key row of dK / dV is read and
-  // written once per block instead of once per query.
   const bool fixed = !s.causal[2];
   if (fixed) build_fixed(P, rw, rpb, fr);
   const int d2 = s.dilation[2];
+  const int k2 = s.kernel[2];
   const int64_t ngroups = wstep == d2 ? 1 : std::min<int64_t>(d2, w1 - w0);
   const int64_t gstep = wstep == d2 ? wstep : d2;
-  AxisWindow win[kQB];
-  const acc_t* qs[kQB];
-  const acc_t* gs[kQB];
+  int64_t npiece = 0;
+  for (int64_t grp = 0; grp < ngroups; ++grp)
+    if (w0 + grp < w1) npiece += (w1 - (w0 + grp) + gstep - 1) / gstep;
+  const int64_t ps = sc.pstride;
+  sc.piece(npiece, dim);
+  // Row sums of ds per window bias start (fixed rows): the rpb gradient is scattered once
+  // per piece and bias start instead of once per query.
+  const bool bias_sums = dbias && fixed;
+  const int nfix = fixed ? fr.n : 0;
+  if (bias_sums) {
+    sc.dsum.assign(int64_t(k2) * nfix, acc_t(0));
+    sc.bs_used.assign(k2, 0);
+  }
+
+  // Pass 1.
+  int64_t idx = 0;
   for (int64_t grp = 0; grp < ngroups; ++grp) {
-    for (int64_t wb = w0 + grp; wb < w1; wb += kQB * gstep) {
-      int nq = 0;
-      for (int64_t w = wb; w < w1 && nq < kQB; w += gstep, ++nq) {
-        win[nq] = axis_window(int(w), int(s.size[2]), s.kernel[2], d2, s.causal[2]);
-        const int64_t tok = bh * s.tokens() + (t * s.size[1] + h) * s.size[2] + w;
-        int n;
-        const scalar_t *kq = kb, *vq = vb;
-        const int64_t* offp = sc.off.data();
-        if (fixed) {
-          n = fr.n;
-          kq = kb + win[nq].start * s.dim;
-          vq = vb + win[nq].start * s.dim;
-          offp = fr.off.data();
-        } else {
-          n = build_slots(P, rw, w, sc.off.data(), sc.bias.data(), nullptr);
-        }
-        const scalar_t* qi = A.q + tok * s.dim;
-        const scalar_t* gi = A.dout + tok * s.dim;
-        const scalar_t* oi = A.out + tok * s.dim;
-        acc_t* qv = sc.bq.data() + nq * dim;
-        acc_t* gv = sc.bg.data() + nq * dim;
-        acc_t delta = 0;
+    for (int64_t w = w0 + grp; w < w1; w += gstep, ++idx) {
+      const AxisWindow win = axis_window(int(w), int(s.size[2]), k2, d2, s.causal[2]);
+      sc.su[idx] = win.start / d2;
+      sc.eu[idx] = win.start / d2 + win.count - 1;
+      sc.cnt[idx] = win.count;
+      const int64_t tok = bh * s.tokens() + (t * s.size[1] + h) * s.size[2] + w;
+      int n;
+      const scalar_t *kq = kb, *vq = vb;
+      const int64_t* offp = sc.off.data();
+      if (fixed) {
+        n = fr.n;
+        kq = kb + win.start * s.dim;
+        vq = vb + win.start * s.dim;
+        offp = fr.off.data();
+      } else {
+        n = build_slots(P, rw, w, sc.off.data(), sc.bias.data(), nullptr);
+      }
+      const scalar_t* qi = A.q + tok * s.dim;
+      const scalar_t* gi = A.dout + tok * s.dim;
+      const scalar_t* oi = A.out + tok * s.dim;
+      acc_t* qv = sc.pq.data() + idx * dim;  // q * scale
+      acc_t* gv = sc.pg.data() + idx * dim;
+      acc_t delta;
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {
+        for (int d = 0; d < dim; ++d) qv[d] = qi[d] * P.scale;
+        std::copy(gi, gi + dim, gv);
+        delta = Ops::dot(gi, oi, dim);
+      } else {
+        delta = 0;
         for (int d = 0; d < dim; ++d) {
-          qv[d] = static_cast<acc_t>(qi[d]);
+          qv[d] = static_cast<acc_t>(qi[d]) * P.scale;
           gv[d] = static_cast<acc_t>(gi[d]);
           delta += gv[d] * static_cast<acc_t>(oi[d]);
-          sc.acc[d] = qv[d] * P.scale;
         }
-        acc_t* p = sc.bp.data() + nq * sc.pstride;
-        acc_t* dp = sc.bds.data() + nq * sc.pstride;
-        if (fixed) {
-          Ops::dots(sc.acc.data(), kq, offp, n, dim, p,
-                    rpb ? fr.bias.data() + int64_t(win[nq].bias_start) * n : nullptr);
-        } else {
-          Ops::dots(sc.acc.data(), kq, offp, n, dim, p);
-          if (rpb)
-            for (int j = 0; j < n; ++j) p[j] += static_cast<acc_t>(rpb[sc.bias[j]]);
-        }
-        Ops::dots(gv, vq, offp, n, dim, dp);
-        Ops::exp_shift(p, n, A.lse[tok]);
-        for (int j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);  // dp now holds ds
-        if (dbias) {
-          if (fixed) {
-            acc_t* db = dbias + win[nq].bias_start;
-            for (int j = 0; j < n; ++j) db[fr.bidx[j]] += dp[j];
-          } else {
-            for (int j = 0; j < n; ++j) dbias[sc.bias[j]] += dp[j];
-          }
-        }
-        std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
-        Ops::weighted_sum(dp, kq, offp, n, dim, sc.acc.data());
-        scalar_t* dqi = A.dq + tok * s.dim;
-        for (int d = 0; d < dim; ++d) dqi[d] = static_cast<scalar_t>(sc.acc[d] * P.scale);
-        qs[nq] = qv;
-        gs[nq] = gv;
       }
-      for (int i = nq; i < kQB; ++i) {  // padding queries: zero coefficients
-        qs[i] = qs[0];
-        gs[i] = gs[0];
+      acc_t* p = sc.pp.data() + idx * ps;
+      acc_t* ds = sc.pds.data() + idx * ps;
+      Ops::dots2(qv, gv, kq, vq, offp, n, dim, p, ds,
+                 fixed && rpb ? fr.bias.data() + int64_t(win.bias_start) * n : nullptr);
+      if (!fixed && rpb)
+        for (int j = 0; j < n; ++j) p[j] += static_cast<acc_t>(rpb[sc.bias[j]]);
+      Ops::exp_shift(p, n, A.lse[tok]);
+      for (int j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - delta);
+      if (bias_sums) {
+        acc_t* db = sc.dsum.data() + int64_t(win.bias_start) * n;
+        for (int j = 0; j < n; ++j) db[j] += ds[j];
+        sc.bs_used[win.bias_start] = 1;
+      } else if (dbias) {
+        for (int j = 0; j < n; ++j) dbias[sc.bias[j]] += ds[j];
       }
-      // Union of the block's key columns (window starts and ends grow with the query).
-      const int ustart = win[0].start;
-      const int uend = win[nq - 1].start + (win[nq - 1].count - 1) * d2;
-      const int ncols = (uend - ustart) / d2 + 1;
-      for (int r = 0; r < rw.nrows; ++r) {
-        acc_t* ca = sc.ca.data();
-        acc_t* cb = sc.cb.data();
-        std::fill(ca, ca + ncols * kQB, acc_t(0));
-        std::fill(cb, cb + ncols * kQB, acc_t(0));
-        for (int i = 0; i < nq; ++i) {
-          const int c0 = (win[i].start - ustart) / d2;
-          const acc_t* p = sc.bp.data() + i * sc.pstride + r * win[i].count;
-          const acc_t* dp = sc.bds.data() + i * sc.pstride + r * win[i].count;
-          for (int c = 0; c < win[i].count; ++c) {
-            ca[(c0 + c) * kQB + i] = dp[c] * P.scale;
-            cb[(c0 + c) * kQB + i] = p[c];
-          }
-        }
-        Ops::scatter_cols(ca, cb, ncols, qs, gs, dkb, dvb, (rw.row_off[r] + ustart) * s.dim,
-                          int64_t(d2) * s.dim, dim);
-      }
+      std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
+      Ops::weighted_sum(ds, kq, offp, n, dim, sc.acc.data());
+      scalar_t* dqi = A.dq + tok * s.dim;
+      for (int d = 0; d < dim; ++d) dqi[d] = static_cast<scalar_t>(sc.acc[d] * P.scale);
     }
+  }
+  if (bias_sums)
+    for (int bs = 0; bs < k2; ++bs) {
+      if (!sc.bs_used[bs]) continue;
+      const acc_t* src = sc.dsum.data() + int64_t(bs) * nfix;
+      for (int j = 0; j < nfix; ++j) dbias[fr.bidx[j] + bs] += src[j];
+    }
+
+  // Pass 2. key_runs(a, b): the run form for the queries a <= i < b of one group.
+  const auto key_runs = [&](int64_t a, int64_t b, int64_t res) {
+    if (a >= b) return;
+    const int64_t u0 = sc.su[a];
+    const int nu = int(sc.eu[b - 1] - u0 + 1);
+    sc.runs(nu);
+    int64_t lo = a, hi = a;
+    for (int c = 0; c < nu; ++c) {  // queries lo <= i < hi hold key u0 + c
+      while (hi < b && sc.su[hi] <= u0 + c) ++hi;
+      while (lo < hi && sc.eu[lo] < u0 + c) ++lo;
+      sc.lo[c] = int(lo);
+      sc.hi[c] = int(hi);
+    }
+    for (int r = 0; r < rw.nrows; ++r) {
+      for (int64_t i = a; i < b; ++i) sc.coff[i] = i * ps + r * sc.cnt[i] - sc.su[i];
+      const int64_t key = (rw.row_off[r] + res + u0 * d2) * s.dim;
+      Ops::key_row(sc.pds.data(), sc.pp.data(), sc.coff.data(), sc.lo.data(), sc.hi.data(), u0,
+                   nu, sc.pq.data(), sc.pg.data(), dkb + key, dvb + key, int64_t(d2) * s.dim,
+                   dim);
+    }
+  };
+  int64_t first = 0;
+  for (int64_t grp = 0; grp < ngroups; ++grp) {
+    if (w0 + grp >= w1) continue;
+    const int64_t m = (w1 - (w0 + grp) + gstep - 1) / gstep;
+    const int64_t last = first + m;
+    const int64_t res = (w0 + grp) % d2;  // every window of the group starts in this residue
+    key_runs(first, last, res);
+    first = last;
   }
 }
 
@@ -900,7 +1073,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_
                            int64_t w1, int64_t wstep) {
         const int tid = std::min<int>(at::get_thread_num(), int(scratch.size()) - 1);
         if (!scratch[tid]) {
-          scratch[tid] = std::make_unique<Scratch<acc_t>>(s.slots(), s.dim, s.kernel[2]);
+          scratch[tid] = std::make_unique<Scratch<acc_t>>(s.slots(), s.dim);
           rows[tid] = std::make_unique<RowWindow>();
         }
         if (avx2 && backward_fast(P, A, *scratch[tid], *rows[tid], task, bh, t, h, w0, w1,
