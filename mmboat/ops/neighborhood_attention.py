@@ -336,8 +336,8 @@ def _register_fused(n: int) -> None:
 
     @torch.library.register_fake(fwd_name)
     def _fwd_fake(query, key, value, rpb, kernel_size, dilation, is_causal, scale):
-        return (torch.empty_like(query),
-                query.new_empty(query.shape[:-1], dtype=torch.float32))
+        lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        return (torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=lse_dtype))
 
     @torch.library.register_fake(bwd_name)
     def _bwd_fake(grad_out, query, key, value, rpb, out, logsumexp, kernel_size, dilation,
@@ -346,21 +346,7 @@ def _register_fused(n: int) -> None:
         return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
                 grad_rpb)
 
-    def _setup(ctx, inputs, output):
-        query, key, value, rpb, kernel_size, dilation, is_causal, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(query, key, value, rpb, out, lse)
-        ctx.config = (kernel_size, dilation, is_causal, scale)
-
-    def _backward(ctx, grad_out, grad_lse):
-        query, key, value, rpb, out, lse = ctx.saved_tensors
-        kernel_size, dilation, is_causal, scale = ctx.config
-        op = getattr(torch.ops.mmboat, f'na{n}d_backward')
-        dq, dk, dv, drpb = op(grad_out.contiguous(), query, key, value, rpb, out, lse,
-                              kernel_size, dilation, is_causal, scale)
-        return dq, dk, dv, drpb, None, None, None, None
-
-    torch.library.register_autograd(fwd_name, _backward, setup_context=_setup)
+    # Autograd: a C++ function at the Autograd key (csrc/pytorch/neighborhood_attention.cpp).
 
 
 def _register_unfused() -> None:

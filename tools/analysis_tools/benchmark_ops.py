@@ -5,7 +5,8 @@ Suites:
 * ``na``: neighborhood attention (``mmboat.ops.na2d``) per problem ``B x heads x H x W x D,
   k, dilation``: the compiled op, the pure-PyTorch reference, dense SDPA over the whole map and
   Swin-style 7x7 window attention through SDPA on the same tokens; forward and
-  forward+backward times (timed in alternating rounds) and, for the compiled op, their ratio,
+  forward+backward times (all of them timed in alternating rounds) and, for the compiled op,
+  their ratio,
   its GFLOP/s and its share of the machine's float32 GEMM rate (``torch.mm``, measured in the
   same run).
 * ``fsla``: hook for the feature-space local attention benchmark; runs
@@ -165,33 +166,36 @@ def na_rows(args: argparse.Namespace) -> Table:
         inputs = (q, k, v, rpb)
         reps = args.reps
 
-        def measure(fn, inp):
-            # Forward and forward+backward alternate in the same rounds, so their ratio is
-            # taken side by side on a shared machine.
-            def forward():
+        # Every implementation's forward and forward+backward run once per round, in turn,
+        # so the ratios between them are taken side by side on a shared machine.
+        impls = {}
+        if has_ext:
+            impls['ext'] = (lambda *a: na2d(*a, kernel_size=p.kernel, dilation=p.dilation,
+                                            impl='ext'), inputs)
+        ref_elems = 2 * p.batch * p.heads * p.tokens() * p.kernel**2 * p.dim
+        if ref_elems <= args.max_reference_elems:
+            impls['ref'] = (lambda *a: na2d(*a, kernel_size=p.kernel, dilation=p.dilation,
+                                            impl='reference'), inputs)
+        if p.tokens() <= args.max_dense_tokens:
+            impls['dense'] = (dense_attention, (q, k, v))
+        impls['swin'] = (lambda *a: swin_window_attention(*a, 7), (q, k, v))
+
+        def forward(fn, inp):
+
+            def run():
                 with torch.no_grad():
                     fn(*inp)
 
-            times = time_rounds({
-                'fwd': forward,
-                'both': _forward_backward(fn, inp, grad)
-            }, reps, 2, lambda: _sync(device))
-            return (statistics.median(times['fwd']) * 1e3,
-                    statistics.median(times['both']) * 1e3)
+            return run
 
-        ext = ref = dense = swin = (None, None)
-        if has_ext:
-            ext = measure(
-                lambda *a: na2d(*a, kernel_size=p.kernel, dilation=p.dilation, impl='ext'),
-                inputs)
-        ref_elems = 2 * p.batch * p.heads * p.tokens() * p.kernel**2 * p.dim
-        if ref_elems <= args.max_reference_elems:
-            ref = measure(
-                lambda *a: na2d(*a, kernel_size=p.kernel, dilation=p.dilation,
-                                impl='reference'), inputs)
-        if p.tokens() <= args.max_dense_tokens:
-            dense = measure(dense_attention, (q, k, v))
-        swin = measure(lambda *a: swin_window_attention(*a, 7), (q, k, v))
+        fns = {}
+        for name, (fn, inp) in impls.items():
+            fns[(name, 'fwd')] = forward(fn, inp)
+            fns[(name, 'both')] = _forward_backward(fn, inp, grad)
+        times = time_rounds(fns, reps, 2, lambda: _sync(device))
+        med = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+        ext, ref, dense, swin = ((med[(name, 'fwd')], med[(name, 'both')]) if name in impls else
+                                 (None, None) for name in ('ext', 'ref', 'dense', 'swin'))
         gflops = pct = ratio = '-'
         if ext[0] is not None:
             ratio = f'{ext[1] / ext[0]:.2f}x'
