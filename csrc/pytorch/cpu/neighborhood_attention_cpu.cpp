@@ -106,26 +106,28 @@ struct GenericOps {
   }
   // Gradient rows of the keys u0 + b (b < nu) of one key row, b-th at element offset
   // b * kstride: dk += sum_i ds[coff[i] + u] * qb[i] and dv += sum_i p[coff[i] + u] * gb[i]
-  // over the piece's queries lo[b] <= i < hi[b] (query rows of dim values).
+  // over the piece's queries lo[b] + shift[g] <= i < hi[b] + shift[g] of each segment g
+  // (one per query row that reaches the key row; query rows of dim values).
   static MMBOAT_INLINE void key_row(const acc_t* __restrict ds, const acc_t* __restrict p,
                                     const int64_t* __restrict coff, const int* __restrict lo,
-                                    const int* __restrict hi, int64_t u0, int nu,
-                                    const acc_t* __restrict qb, const acc_t* __restrict gb,
-                                    acc_t* __restrict dk, acc_t* __restrict dv, int64_t kstride,
-                                    int dim) {
+                                    const int* __restrict hi, const int64_t* __restrict shift,
+                                    int nseg, int64_t u0, int nu, const acc_t* __restrict qb,
+                                    const acc_t* __restrict gb, acc_t* __restrict dk,
+                                    acc_t* __restrict dv, int64_t kstride, int dim) {
     for (int b = 0; b < nu; ++b) {
       acc_t* __restrict yk = dk + b * kstride;
       acc_t* __restrict yv = dv + b * kstride;
-      for (int i = lo[b]; i < hi[b]; ++i) {
-        const acc_t a = ds[coff[i] + u0 + b], c = p[coff[i] + u0 + b];
-        const acc_t* __restrict qi = qb + int64_t(i) * dim;
-        const acc_t* __restrict gi = gb + int64_t(i) * dim;
+      for (int g = 0; g < nseg; ++g)
+        for (int64_t i = lo[b] + shift[g]; i < hi[b] + shift[g]; ++i) {
+          const acc_t a = ds[coff[i] + u0 + b], c = p[coff[i] + u0 + b];
+          const acc_t* __restrict qi = qb + i * dim;
+          const acc_t* __restrict gi = gb + i * dim;
 #pragma omp simd
-        for (int d = 0; d < dim; ++d) {
-          yk[d] += a * qi[d];
-          yv[d] += c * gi[d];
+          for (int d = 0; d < dim; ++d) {
+            yk[d] += a * qi[d];
+            yv[d] += c * gi[d];
+          }
         }
-      }
     }
   }
   static MMBOAT_INLINE acc_t dot(const acc_t* __restrict x, const acc_t* __restrict y,
@@ -338,37 +340,44 @@ struct Avx2Ops {
   }
 
   // y0 += sum_{lo0 <= i < hi0} c[coff[i] + u] * rows[i] and, when y1 is not null,
-  // y1 += sum_{lo1 <= i < hi1} c[coff[i] + u + 1] * rows[i], for NV * 8 columns; the runs
-  // grow with the key (lo0 <= lo1, hi0 <= hi1), so a row shared by both is loaded once.
+  // y1 += sum_{lo1 <= i < hi1} c[coff[i] + u + 1] * rows[i], for NV * 8 columns, with the
+  // query ranges shifted by shift[g] for each segment g; the runs grow with the key
+  // (lo0 <= lo1, hi0 <= hi1), so a row shared by both keys is loaded once.
   template <int NV>
   MMBOAT_AVX2 static inline void pair_sums(const float* __restrict c,
                                            const int64_t* __restrict coff, int lo0, int hi0,
-                                           int lo1, int hi1, int64_t u,
-                                           const float* __restrict rows, int dim,
-                                           float* __restrict y0, float* __restrict y1) {
+                                           int lo1, int hi1, const int64_t* __restrict shift,
+                                           int nseg, int64_t u, const float* __restrict rows,
+                                           int dim, float* __restrict y0,
+                                           float* __restrict y1) {
     __m256 a0[NV], a1[NV];
     for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm256_setzero_ps();
     if (!y1) lo1 = hi1 = hi0;
-    int i = lo0;
-    for (const int e = std::min(hi0, lo1); i < e; ++i) {
-      const __m256 w0 = _mm256_broadcast_ss(c + coff[i] + u);
-      const float* x = rows + int64_t(i) * dim;
-      for (int v = 0; v < NV; ++v) a0[v] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 8 * v), a0[v]);
-    }
-    for (i = lo1; i < hi0; ++i) {
-      const float* cc = c + coff[i] + u;
-      const __m256 w0 = _mm256_broadcast_ss(cc), w1 = _mm256_broadcast_ss(cc + 1);
-      const float* x = rows + int64_t(i) * dim;
-      for (int v = 0; v < NV; ++v) {
-        const __m256 xv = _mm256_loadu_ps(x + 8 * v);
-        a0[v] = _mm256_fmadd_ps(w0, xv, a0[v]);
-        a1[v] = _mm256_fmadd_ps(w1, xv, a1[v]);
+    for (int g = 0; g < nseg; ++g) {
+      const int64_t sh = shift[g];
+      int64_t i = lo0 + sh;
+      for (const int64_t e = std::min(hi0, lo1) + sh; i < e; ++i) {
+        const __m256 w0 = _mm256_broadcast_ss(c + coff[i] + u);
+        const float* x = rows + i * dim;
+        for (int v = 0; v < NV; ++v)
+          a0[v] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + 8 * v), a0[v]);
       }
-    }
-    for (i = std::max(lo1, hi0); i < hi1; ++i) {
-      const __m256 w1 = _mm256_broadcast_ss(c + coff[i] + u + 1);
-      const float* x = rows + int64_t(i) * dim;
-      for (int v = 0; v < NV; ++v) a1[v] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8 * v), a1[v]);
+      for (i = lo1 + sh; i < hi0 + sh; ++i) {
+        const float* cc = c + coff[i] + u;
+        const __m256 w0 = _mm256_broadcast_ss(cc), w1 = _mm256_broadcast_ss(cc + 1);
+        const float* x = rows + i * dim;
+        for (int v = 0; v < NV; ++v) {
+          const __m256 xv = _mm256_loadu_ps(x + 8 * v);
+          a0[v] = _mm256_fmadd_ps(w0, xv, a0[v]);
+          a1[v] = _mm256_fmadd_ps(w1, xv, a1[v]);
+        }
+      }
+      for (i = std::max(lo1, hi0) + sh; i < hi1 + sh; ++i) {
+        const __m256 w1 = _mm256_broadcast_ss(c + coff[i] + u + 1);
+        const float* x = rows + i * dim;
+        for (int v = 0; v < NV; ++v)
+          a1[v] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8 * v), a1[v]);
+      }
     }
     for (int v = 0; v < NV; ++v)
       _mm256_storeu_ps(y0 + 8 * v, _mm256_add_ps(_mm256_loadu_ps(y0 + 8 * v), a0[v]));
@@ -382,7 +391,8 @@ struct Avx2Ops {
   MMBOAT_AVX2 static inline void key_row(const float* __restrict ds, const float* __restrict p,
                                          const int64_t* __restrict coff,
                                          const int* __restrict lo, const int* __restrict hi,
-                                         int64_t u0, int nu, const float* __restrict qb,
+                                         const int64_t* __restrict shift, int nseg, int64_t u0,
+                                         int nu, const float* __restrict qb,
                                          const float* __restrict gb, float* __restrict dk,
                                          float* __restrict dv, int64_t kstride, int dim) {
     for (int b = 0; b < nu; b += 2) {
@@ -392,16 +402,16 @@ struct Avx2Ops {
       float* yv = dv + b * kstride;
       int d0 = 0;
       for (; d0 + 32 <= dim; d0 += 32) {
-        pair_sums<4>(ds, coff, lo[b], hi[b], lo1, hi1, u0 + b, qb + d0, dim, yk + d0,
-                     two ? yk + kstride + d0 : nullptr);
-        pair_sums<4>(p, coff, lo[b], hi[b], lo1, hi1, u0 + b, gb + d0, dim, yv + d0,
-                     two ? yv + kstride + d0 : nullptr);
+        pair_sums<4>(ds, coff, lo[b], hi[b], lo1, hi1, shift, nseg, u0 + b, qb + d0, dim,
+                     yk + d0, two ? yk + kstride + d0 : nullptr);
+        pair_sums<4>(p, coff, lo[b], hi[b], lo1, hi1, shift, nseg, u0 + b, gb + d0, dim,
+                     yv + d0, two ? yv + kstride + d0 : nullptr);
       }
       for (; d0 < dim; d0 += 8) {
-        pair_sums<1>(ds, coff, lo[b], hi[b], lo1, hi1, u0 + b, qb + d0, dim, yk + d0,
-                     two ? yk + kstride + d0 : nullptr);
-        pair_sums<1>(p, coff, lo[b], hi[b], lo1, hi1, u0 + b, gb + d0, dim, yv + d0,
-                     two ? yv + kstride + d0 : nullptr);
+        pair_sums<1>(ds, coff, lo[b], hi[b], lo1, hi1, shift, nseg, u0 + b, qb + d0, dim,
+                     yk + d0, two ? yk + kstride + d0 : nullptr);
+        pair_sums<1>(p, coff, lo[b], hi[b], lo1, hi1, shift, nseg, u0 + b, gb + d0, dim,
+                     yv + d0, two ? yv + kstride + d0 : nullptr);
       }
     }
   }
@@ -606,11 +616,13 @@ TaskGrid make_grid(const Shape3d& s) {
   return g;
 }
 
-// Runs fn(task, bh, t, h, w_begin, w_end, w_step) over every query row piece of each task,
-// in two phases (even blocks, then odd blocks) so concurrently running tasks write
-// disjoint keys. `task` indexes [0, batch * heads * per_bh).
+// Runs fn(task, bh, t, h, h2, w_begin, w_end, w_step) over every query row piece of each
+// task, in two phases (even blocks, then odd blocks) so concurrently running tasks write
+// disjoint keys. `task` indexes [0, batch * heads * per_bh). With pair_rows, a piece blocked
+// along axis 1 covers the rows h and h2 = h + dilation of the task's group (h2 = -1 when h is
+// its last row); otherwise h2 is always -1.
 template <typename Fn>
-void run_phased(const Shape3d& s, const TaskGrid& g, const Fn& fn) {
+void run_phased(const Shape3d& s, const TaskGrid& g, bool pair_rows, const Fn& fn) {
   const int64_t bh_count = s.batch * s.heads;
   const int64_t half = (g.blocks + 1) / 2;
   for (int phase = 0; phase < 2; ++phase) {
@@ -631,17 +643,20 @@ void run_phased(const Shape3d& s, const TaskGrid& g, const Fn& fn) {
         // Wide maps are walked in strips of kStrip columns so that the keys (and their
         // gradient rows) of consecutive query rows stay in the L2 cache.
         constexpr int64_t kStrip = 64;
+        const int64_t none = -1;
         if (g.axis == 2) {
-          fn(task, bh, int64_t(0), int64_t(0), first, last, int64_t(d));
+          fn(task, bh, int64_t(0), int64_t(0), none, first, last, int64_t(d));
         } else if (g.axis == 1) {
+          const int64_t hstep = pair_rows ? 2 * d : d;
           for (int64_t ws = 0; ws < s.size[2]; ws += kStrip)
-            for (int64_t h = first; h < last; h += d)
-              fn(task, bh, int64_t(0), h, ws, std::min(ws + kStrip, s.size[2]), int64_t(1));
+            for (int64_t h = first; h < last; h += hstep)
+              fn(task, bh, int64_t(0), h, pair_rows && h + d < last ? h + d : none, ws,
+                 std::min(ws + kStrip, s.size[2]), int64_t(1));
         } else {
           for (int64_t ws = 0; ws < s.size[2]; ws += kStrip)
             for (int64_t t = first; t < last; t += d)
               for (int64_t h = 0; h < s.size[1]; ++h)
-                fn(task, bh, t, h, ws, std::min(ws + kStrip, s.size[2]), int64_t(1));
+                fn(task, bh, t, h, none, ws, std::min(ws + kStrip, s.size[2]), int64_t(1));
         }
       }
     });
@@ -669,7 +684,7 @@ struct Scratch {
   std::vector<int64_t> off, bias;
   std::vector<int> slot;
   std::vector<acc_t> a, b, q, q2, acc;
-  FixedRow<acc_t> fixed;
+  FixedRow<acc_t> fixed, fixed2;
   // Backward piece: p and ds per query (rows of pstride), q * scale and grad_out per query,
   // window start / end (in dilation-group units) and size per query, per-query offsets of a
   // key row's coefficients, ds row sums per rpb start.
@@ -677,6 +692,7 @@ struct Scratch {
   std::vector<acc_t> pp, pds, pq, pg, dsum;
   std::vector<int64_t> su, eu, coff;
   std::vector<int> cnt, lo, hi;  // lo / hi: run of queries holding each key of a group
+  std::vector<int64_t> shift;    // key_row: query-index shift of each row segment
   std::vector<char> bs_used;
   Scratch(int64_t slots, int64_t dim)
       : off(slots), bias(slots), slot(slots), a(slots + 8), b(slots + 8), q(dim), q2(dim),
@@ -863,25 +879,28 @@ struct BackwardArgs {
   acc_t* dbias;      // [tasks, bias_size] or null
 };
 
-// One piece of a query row (the queries w0, w0 + wstep, ... < w1, taken per dilation group of
-// the last axis), in two passes:
+// One piece of one or two query rows (the queries w0, w0 + wstep, ... < w1 of each, taken
+// per dilation group of the last axis), in two passes:
 //  1. query by query: logits and dO . V over the window, p from the saved log-sum-exp,
 //     ds = p * (dO . V - delta) and dQ; p and ds of every query of the piece are kept;
 //  2. key by key, for each key row the piece reaches: dK += sum ds * q * scale and
 //     dV += sum p * dO over the piece's queries whose window holds the key. Window starts and
-//     ends grow with the query, so these queries are a contiguous run of the group (found by
-//     two pointers), and the key's gradient rows are read and written once per piece.
+//     ends grow with the query, so in each query row these queries are a contiguous run of
+//     the group (found by two pointers, the same in both rows), and the key's gradient rows
+//     are read and written once per piece, for both query rows together.
 template <class Ops, typename scalar_t>
 MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const BackwardArgs<scalar_t>& A,
                                       Scratch<typename AccOf<scalar_t>::type>& sc,
-                                      RowWindow& rw, int64_t task, int64_t bh, int64_t t,
-                                      int64_t h, int64_t w0, int64_t w1, int64_t wstep) {
+                                      RowWindow* rws, int64_t task, int64_t bh, int64_t t,
+                                      int64_t h, int64_t h2, int64_t w0, int64_t w1,
+                                      int64_t wstep) {
   using acc_t = typename AccOf<scalar_t>::type;
   const Shape3d& s = P.s;
   const int dim = int(s.dim);
   const int64_t bh_stride = s.tokens() * s.dim;
-  FixedRow<acc_t>& fr = sc.fixed;
-  build_row(P, t, h, rw);
+  const int nq = h2 >= 0 ? 2 : 1;  // query rows
+  const int64_t hq[2] = {h, h2};
+  FixedRow<acc_t>* frs[2] = {&sc.fixed, &sc.fixed2};
   const scalar_t* kb = A.k + bh * bh_stride;
   const scalar_t* vb = A.v + bh * bh_stride;
   acc_t* dkb = A.dk + bh * bh_stride;
@@ -889,92 +908,101 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
   const scalar_t* rpb = P.rpb ? P.rpb + (bh % s.heads) * s.bias_size() : nullptr;
   acc_t* dbias = A.dbias ? A.dbias + task * s.bias_size() : nullptr;
   const bool fixed = !s.causal[2];
-  if (fixed) build_fixed(P, rw, rpb, fr);
   const int d2 = s.dilation[2];
   const int k2 = s.kernel[2];
   const int64_t ngroups = wstep == d2 ? 1 : std::min<int64_t>(d2, w1 - w0);
   const int64_t gstep = wstep == d2 ? wstep : d2;
-  int64_t npiece = 0;
+  int64_t m_row = 0;  // queries per row; row j's are the piece's [j * m_row, (j + 1) * m_row)
   for (int64_t grp = 0; grp < ngroups; ++grp)
-    if (w0 + grp < w1) npiece += (w1 - (w0 + grp) + gstep - 1) / gstep;
+    if (w0 + grp < w1) m_row += (w1 - (w0 + grp) + gstep - 1) / gstep;
   const int64_t ps = sc.pstride;
-  sc.piece(npiece, dim);
-  // Row sums of ds per window bias start (fixed rows): the rpb gradient is scattered once
-  // per piece and bias start instead of once per query.
-  const bool bias_sums = dbias && fixed;
-  const int nfix = fixed ? fr.n : 0;
-  if (bias_sums) {
-    sc.dsum.assign(int64_t(k2) * nfix, acc_t(0));
-    sc.bs_used.assign(k2, 0);
-  }
+  sc.piece(nq * m_row, dim);
 
   // Pass 1.
-  int64_t idx = 0;
-  for (int64_t grp = 0; grp < ngroups; ++grp) {
-    for (int64_t w = w0 + grp; w < w1; w += gstep, ++idx) {
-      const AxisWindow win = axis_window(int(w), int(s.size[2]), k2, d2, s.causal[2]);
-      sc.su[idx] = win.start / d2;
-      sc.eu[idx] = win.start / d2 + win.count - 1;
-      sc.cnt[idx] = win.count;
-      const int64_t tok = bh * s.tokens() + (t * s.size[1] + h) * s.size[2] + w;
-      int n;
-      const scalar_t *kq = kb, *vq = vb;
-      const int64_t* offp = sc.off.data();
-      if (fixed) {
-        n = fr.n;
-        kq = kb + win.start * s.dim;
-        vq = vb + win.start * s.dim;
-        offp = fr.off.data();
-      } else {
-        n = build_slots(P, rw, w, sc.off.data(), sc.bias.data(), nullptr);
-      }
-      const scalar_t* qi = A.q + tok * s.dim;
-      const scalar_t* gi = A.dout + tok * s.dim;
-      const scalar_t* oi = A.out + tok * s.dim;
-      acc_t* qv = sc.pq.data() + idx * dim;  // q * scale
-      acc_t* gv = sc.pg.data() + idx * dim;
-      acc_t delta;
-      if constexpr (std::is_same<scalar_t, acc_t>::value) {
-        for (int d = 0; d < dim; ++d) qv[d] = qi[d] * P.scale;
-        std::copy(gi, gi + dim, gv);
-        delta = Ops::dot(gi, oi, dim);
-      } else {
-        delta = 0;
-        for (int d = 0; d < dim; ++d) {
-          qv[d] = static_cast<acc_t>(qi[d]) * P.scale;
-          gv[d] = static_cast<acc_t>(gi[d]);
-          delta += gv[d] * static_cast<acc_t>(oi[d]);
+  for (int j = 0; j < nq; ++j) {
+    RowWindow& rw = rws[j];
+    FixedRow<acc_t>& fr = *frs[j];
+    build_row(P, t, hq[j], rw);
+    if (fixed) build_fixed(P, rw, rpb, fr);
+    // Row sums of ds per window bias start (fixed rows): the rpb gradient is scattered once
+    // per row and bias start instead of once per query.
+    const bool bias_sums = dbias && fixed;
+    const int nfix = fixed ? fr.n : 0;
+    if (bias_sums) {
+      sc.dsum.assign(int64_t(k2) * nfix, acc_t(0));
+      sc.bs_used.assign(k2, 0);
+    }
+    int64_t idx = j * m_row;
+    for (int64_t grp = 0; grp < ngroups; ++grp) {
+      for (int64_t w = w0 + grp; w < w1; w += gstep, ++idx) {
+        const AxisWindow win = axis_window(int(w), int(s.size[2]), k2, d2, s.causal[2]);
+        sc.su[idx] = win.start / d2;
+        sc.eu[idx] = win.start / d2 + win.count - 1;
+        sc.cnt[idx] = win.count;
+        const int64_t tok = bh * s.tokens() + (t * s.size[1] + hq[j]) * s.size[2] + w;
+        int n;
+        const scalar_t *kq = kb, *vq = vb;
+        const int64_t* offp = sc.off.data();
+        if (fixed) {
+          n = fr.n;
+          kq = kb + win.start * s.dim;
+          vq = vb + win.start * s.dim;
+          offp = fr.off.data();
+        } else {
+          n = build_slots(P, rw, w, sc.off.data(), sc.bias.data(), nullptr);
         }
+        const scalar_t* qi = A.q + tok * s.dim;
+        const scalar_t* gi = A.dout + tok * s.dim;
+        const scalar_t* oi = A.out + tok * s.dim;
+        acc_t* qv = sc.pq.data() + idx * dim;  // q * scale
+        acc_t* gv = sc.pg.data() + idx * dim;
+        acc_t delta;
+        if constexpr (std::is_same<scalar_t, acc_t>::value) {
+          for (int d = 0; d < dim; ++d) qv[d] = qi[d] * P.scale;
+          std::copy(gi, gi + dim, gv);
+          delta = Ops::dot(gi, oi, dim);
+        } else {
+          delta = 0;
+          for (int d = 0; d < dim; ++d) {
+            qv[d] = static_cast<acc_t>(qi[d]) * P.scale;
+            gv[d] = static_cast<acc_t>(gi[d]);
+            delta += gv[d] * static_cast<acc_t>(oi[d]);
+          }
+        }
+        acc_t* p = sc.pp.data() + idx * ps;
+        acc_t* ds = sc.pds.data() + idx * ps;
+        Ops::dots2(qv, gv, kq, vq, offp, n, dim, p, ds,
+                   fixed && rpb ? fr.bias.data() + int64_t(win.bias_start) * n : nullptr);
+        if (!fixed && rpb)
+          for (int jj = 0; jj < n; ++jj) p[jj] += static_cast<acc_t>(rpb[sc.bias[jj]]);
+        Ops::exp_shift(p, n, A.lse[tok]);
+        for (int jj = 0; jj < n; ++jj) ds[jj] = p[jj] * (ds[jj] - delta);
+        if (bias_sums) {
+          acc_t* db = sc.dsum.data() + int64_t(win.bias_start) * n;
+          for (int jj = 0; jj < n; ++jj) db[jj] += ds[jj];
+          sc.bs_used[win.bias_start] = 1;
+        } else if (dbias) {
+          for (int jj = 0; jj < n; ++jj) dbias[sc.bias[jj]] += ds[jj];
+        }
+        std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
+        Ops::weighted_sum(ds, kq, offp, n, dim, sc.acc.data());
+        scalar_t* dqi = A.dq + tok * s.dim;
+        for (int d = 0; d < dim; ++d) dqi[d] = static_cast<scalar_t>(sc.acc[d] * P.scale);
       }
-      acc_t* p = sc.pp.data() + idx * ps;
-      acc_t* ds = sc.pds.data() + idx * ps;
-      Ops::dots2(qv, gv, kq, vq, offp, n, dim, p, ds,
-                 fixed && rpb ? fr.bias.data() + int64_t(win.bias_start) * n : nullptr);
-      if (!fixed && rpb)
-        for (int j = 0; j < n; ++j) p[j] += static_cast<acc_t>(rpb[sc.bias[j]]);
-      Ops::exp_shift(p, n, A.lse[tok]);
-      for (int j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - delta);
-      if (bias_sums) {
-        acc_t* db = sc.dsum.data() + int64_t(win.bias_start) * n;
-        for (int j = 0; j < n; ++j) db[j] += ds[j];
-        sc.bs_used[win.bias_start] = 1;
-      } else if (dbias) {
-        for (int j = 0; j < n; ++j) dbias[sc.bias[j]] += ds[j];
-      }
-      std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
-      Ops::weighted_sum(ds, kq, offp, n, dim, sc.acc.data());
-      scalar_t* dqi = A.dq + tok * s.dim;
-      for (int d = 0; d < dim; ++d) dqi[d] = static_cast<scalar_t>(sc.acc[d] * P.scale);
     }
+    if (bias_sums)
+      for (int bs = 0; bs < k2; ++bs) {
+        if (!sc.bs_used[bs]) continue;
+        const acc_t* src = sc.dsum.data() + int64_t(bs) * nfix;
+        for (int jj = 0; jj < nfix; ++jj) dbias[fr.bidx[jj] + bs] += src[jj];
+      }
   }
-  if (bias_sums)
-    for (int bs = 0; bs < k2; ++bs) {
-      if (!sc.bs_used[bs]) continue;
-      const acc_t* src = sc.dsum.data() + int64_t(bs) * nfix;
-      for (int j = 0; j < nfix; ++j) dbias[fr.bidx[j] + bs] += src[j];
-    }
 
-  // Pass 2. key_runs(a, b): the run form for the queries a <= i < b of one group.
+  // Pass 2. Key rows of the piece: row_off ascending in each query row's window, merged;
+  // kr[j] is the key row's index in query row j's window (-1 when it is not there).
+  const RowWindow& rw0 = rws[0];
+  const RowWindow& rw1 = rws[nq - 1];
+  sc.shift.resize(2);
   const auto key_runs = [&](int64_t a, int64_t b, int64_t res) {
     if (a >= b) return;
     const int64_t u0 = sc.su[a];
@@ -987,12 +1015,33 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
       sc.lo[c] = int(lo);
       sc.hi[c] = int(hi);
     }
-    for (int r = 0; r < rw.nrows; ++r) {
-      for (int64_t i = a; i < b; ++i) sc.coff[i] = i * ps + r * sc.cnt[i] - sc.su[i];
-      const int64_t key = (rw.row_off[r] + res + u0 * d2) * s.dim;
-      Ops::key_row(sc.pds.data(), sc.pp.data(), sc.coff.data(), sc.lo.data(), sc.hi.data(), u0,
-                   nu, sc.pq.data(), sc.pg.data(), dkb + key, dvb + key, int64_t(d2) * s.dim,
-                   dim);
+    constexpr int64_t kEnd = std::numeric_limits<int64_t>::max();
+    int r0 = 0, r1 = 0;
+    while (r0 < rw0.nrows || (nq == 2 && r1 < rw1.nrows)) {
+      int64_t row;
+      int kr[2] = {-1, -1};
+      if (nq == 1) {
+        row = rw0.row_off[r0];
+        kr[0] = r0++;
+      } else {
+        const int64_t o0 = r0 < rw0.nrows ? rw0.row_off[r0] : kEnd;
+        const int64_t o1 = r1 < rw1.nrows ? rw1.row_off[r1] : kEnd;
+        row = std::min(o0, o1);
+        if (o0 == row) kr[0] = r0++;
+        if (o1 == row) kr[1] = r1++;
+      }
+      int nseg = 0;
+      for (int j = 0; j < nq; ++j) {
+        if (kr[j] < 0) continue;
+        const int64_t sh = j * m_row;
+        for (int64_t i = a + sh; i < b + sh; ++i)
+          sc.coff[i] = i * ps + kr[j] * sc.cnt[i] - sc.su[i];
+        sc.shift[nseg++] = sh;
+      }
+      const int64_t key = (row + res + u0 * d2) * s.dim;
+      Ops::key_row(sc.pds.data(), sc.pp.data(), sc.coff.data(), sc.lo.data(), sc.hi.data(),
+                   sc.shift.data(), nseg, u0, nu, sc.pq.data(), sc.pg.data(), dkb + key,
+                   dvb + key, int64_t(d2) * s.dim, dim);
     }
   };
   int64_t first = 0;
@@ -1008,23 +1057,23 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
 
 template <typename scalar_t>
 bool backward_fast(const Problem<scalar_t>&, const BackwardArgs<scalar_t>&,
-                   Scratch<typename AccOf<scalar_t>::type>&, RowWindow&, int64_t, int64_t,
-                   int64_t, int64_t, int64_t, int64_t, int64_t) {
+                   Scratch<typename AccOf<scalar_t>::type>&, RowWindow*, int64_t, int64_t,
+                   int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
   return false;
 }
 
 #if MMBOAT_X86
-MMBOAT_AVX2 MMBOAT_FLATTEN void fused_backward_row_avx2(const Problem<float>& P, const BackwardArgs<float>& A,
-                                         Scratch<float>& sc, RowWindow& rw, int64_t task,
-                                         int64_t bh, int64_t t, int64_t h, int64_t w0,
-                                         int64_t w1, int64_t wstep) {
-  fused_backward_row<Avx2Ops, float>(P, A, sc, rw, task, bh, t, h, w0, w1, wstep);
+MMBOAT_AVX2 MMBOAT_FLATTEN void fused_backward_row_avx2(
+    const Problem<float>& P, const BackwardArgs<float>& A, Scratch<float>& sc, RowWindow* rws,
+    int64_t task, int64_t bh, int64_t t, int64_t h, int64_t h2, int64_t w0, int64_t w1,
+    int64_t wstep) {
+  fused_backward_row<Avx2Ops, float>(P, A, sc, rws, task, bh, t, h, h2, w0, w1, wstep);
 }
 
 bool backward_fast(const Problem<float>& P, const BackwardArgs<float>& A, Scratch<float>& sc,
-                   RowWindow& rw, int64_t task, int64_t bh, int64_t t, int64_t h, int64_t w0,
-                   int64_t w1, int64_t wstep) {
-  fused_backward_row_avx2(P, A, sc, rw, task, bh, t, h, w0, w1, wstep);
+                   RowWindow* rws, int64_t task, int64_t bh, int64_t t, int64_t h, int64_t h2,
+                   int64_t w0, int64_t w1, int64_t wstep) {
+  fused_backward_row_avx2(P, A, sc, rws, task, bh, t, h, h2, w0, w1, wstep);
   return true;
 }
 #endif
@@ -1068,19 +1117,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_
       const bool avx2 = use_avx2<scalar_t>(s);
       // One scratch per thread, reused across tasks.
       std::vector<std::unique_ptr<Scratch<acc_t>>> scratch(at::get_num_threads() + 1);
-      std::vector<std::unique_ptr<RowWindow>> rows(at::get_num_threads() + 1);
-      run_phased(s, g, [&](int64_t task, int64_t bh, int64_t t, int64_t h, int64_t w0,
-                           int64_t w1, int64_t wstep) {
+      std::vector<std::unique_ptr<RowWindow[]>> rows(at::get_num_threads() + 1);
+      run_phased(s, g, true, [&](int64_t task, int64_t bh, int64_t t, int64_t h, int64_t h2,
+                                 int64_t w0, int64_t w1, int64_t wstep) {
         const int tid = std::min<int>(at::get_thread_num(), int(scratch.size()) - 1);
         if (!scratch[tid]) {
           scratch[tid] = std::make_unique<Scratch<acc_t>>(s.slots(), s.dim);
-          rows[tid] = std::make_unique<RowWindow>();
+          rows[tid] = std::make_unique<RowWindow[]>(2);
         }
-        if (avx2 && backward_fast(P, A, *scratch[tid], *rows[tid], task, bh, t, h, w0, w1,
-                                  wstep))
+        if (avx2 && backward_fast(P, A, *scratch[tid], rows[tid].get(), task, bh, t, h, h2, w0,
+                                  w1, wstep))
           return;
-        fused_backward_row<GenericOps<scalar_t>, scalar_t>(P, A, *scratch[tid], *rows[tid], task,
-                                                           bh, t, h, w0, w1, wstep);
+        fused_backward_row<GenericOps<scalar_t>, scalar_t>(P, A, *scratch[tid], rows[tid].get(),
+                                                           task, bh, t, h, h2, w0, w1, wstep);
       });
       if (s.has_rpb) reduce_bias(s, g, dbias, drpb_acc.data_ptr<acc_t>());
     }
@@ -1193,8 +1242,8 @@ void for_each_query_phased(const Problem<scalar_t>& P, const TaskGrid& g, const 
   const Shape3d& s = P.s;
   std::vector<std::unique_ptr<Scratch<acc_t>>> scratch(at::get_num_threads() + 1);
   std::vector<std::unique_ptr<RowWindow>> rows(at::get_num_threads() + 1);
-  run_phased(s, g, [&](int64_t task, int64_t bh, int64_t t, int64_t h, int64_t w0, int64_t w1,
-                       int64_t wstep) {
+  run_phased(s, g, false, [&](int64_t task, int64_t bh, int64_t t, int64_t h, int64_t,
+                              int64_t w0, int64_t w1, int64_t wstep) {
     const int tid = std::min<int>(at::get_thread_num(), int(scratch.size()) - 1);
     if (!scratch[tid]) {
       scratch[tid] = std::make_unique<Scratch<acc_t>>(s.slots(), s.dim);
