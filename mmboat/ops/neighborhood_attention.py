@@ -346,7 +346,21 @@ def _register_fused(n: int) -> None:
         return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
                 grad_rpb)
 
-    # Autograd: a C++ function at the Autograd key (csrc/pytorch/neighborhood_attention.cpp).
+    def _setup(ctx, inputs, output):
+        query, key, value, rpb, kernel_size, dilation, is_causal, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(query, key, value, rpb, out, lse)
+        ctx.config = (kernel_size, dilation, is_causal, scale)
+
+    def _backward(ctx, grad_out, grad_lse):
+        query, key, value, rpb, out, lse = ctx.saved_tensors
+        kernel_size, dilation, is_causal, scale = ctx.config
+        op = getattr(torch.ops.mmboat, f'na{n}d_backward')
+        dq, dk, dv, drpb = op(grad_out.contiguous(), query, key, value, rpb, out, lse,
+                              kernel_size, dilation, is_causal, scale)
+        return dq, dk, dv, drpb, None, None, None, None
+
+    torch.library.register_autograd(fwd_name, _backward, setup_context=_setup)
 
 
 def _register_unfused() -> None:

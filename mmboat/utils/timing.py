@@ -6,13 +6,16 @@ K = TypeVar('K', bound=Hashable)
 
 
 def time_rounds(fns: Mapping[K, Callable[[], object]], repeats: int, warmup: int = 0,
-                sync: Callable[[], None] = lambda: None) -> Dict[K, List[float]]:
+                sync: Callable[[], None] = lambda: None,
+                rewarm: int = 0) -> Dict[K, List[float]]:
     """Seconds per call of each function in each of ``repeats`` rounds.
 
     ``warmup`` untimed rounds come first. Every round calls each function once, in turn, so
     slow spells on a shared machine hit all of them alike and their ratios are taken side by
     side; with one function this is a plain timing loop. ``sync`` runs after every call, inside
-    the timing (e.g. ``torch.cuda.synchronize``).
+    the timing (e.g. ``torch.cuda.synchronize``). ``rewarm`` untimed calls of a function come
+    right before each of its timed calls, so that a small problem is timed with its data in
+    cache rather than just after a large neighbour in the round evicted it.
 
     Examples:
         >>> times = time_rounds({'a': lambda: sum(range(100))}, repeats=3)
@@ -26,6 +29,9 @@ def time_rounds(fns: Mapping[K, Callable[[], object]], repeats: int, warmup: int
     times: Dict[K, List[float]] = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
+            for _ in range(rewarm):
+                fn()
+                sync()
             start = time.perf_counter()
             fn()
             sync()

@@ -5,10 +5,9 @@ Suites:
 * ``na``: neighborhood attention (``mmboat.ops.na2d``) per problem ``B x heads x H x W x D,
   k, dilation``: the compiled op, the pure-PyTorch reference, dense SDPA over the whole map and
   Swin-style 7x7 window attention through SDPA on the same tokens; forward and
-  forward+backward times (all of them timed in alternating rounds) and, for the compiled op,
-  their ratio,
-  its GFLOP/s and its share of the machine's float32 GEMM rate (``torch.mm``, measured in the
-  same run).
+  forward+backward times (all of them, and a ``torch.mm`` GEMM, timed warm in alternating
+  rounds) and, for the compiled op, their ratio, its GFLOP/s and its share of the GEMM rate
+  measured in those rounds.
 * ``fsla``: hook for the feature-space local attention benchmark; runs
   ``fsla_rows(args)`` from ``tools/analysis_tools/fsla_benchmark.py`` when that file exists
   (it returns ``(header, rows)``: a list of column names and a list of rows of strings).
@@ -150,7 +149,7 @@ def na_rows(args: argparse.Namespace) -> Table:
     has_ext = neighborhood_attention_op_available('na2d_forward', device)
     header = [
         'problem', 'NA ext fwd ms', 'NA ext fwd+bwd ms', 'fwd+bwd / fwd', 'NA ext GFLOP/s',
-        '% of GEMM',
+        '% of GEMM GFLOP/s (same rounds)',
         'NA ref fwd ms', 'NA ref fwd+bwd ms', 'dense SDPA fwd ms', 'dense SDPA fwd+bwd ms',
         'Swin 7x7 SDPA fwd ms', 'Swin 7x7 SDPA fwd+bwd ms'
     ]
@@ -167,7 +166,8 @@ def na_rows(args: argparse.Namespace) -> Table:
         reps = args.reps
 
         # Every implementation's forward and forward+backward run once per round, in turn,
-        # so the ratios between them are taken side by side on a shared machine.
+        # so the ratios between them are taken side by side on a shared machine; each timed
+        # call follows an untimed one of the same function (warm caches).
         impls = {}
         if has_ext:
             impls['ext'] = (lambda *a: na2d(*a, kernel_size=p.kernel, dilation=p.dilation,
@@ -188,11 +188,14 @@ def na_rows(args: argparse.Namespace) -> Table:
 
             return run
 
-        fns = {}
+        # The GEMM that "% of GEMM" refers to runs in the same rounds too.
+        ga = torch.randn(args.gemm_size_used, args.gemm_size_used, device=device, dtype=dtype)
+        gb = torch.randn_like(ga)
+        fns = {('gemm', 'fwd'): lambda: torch.mm(ga, gb)}
         for name, (fn, inp) in impls.items():
             fns[(name, 'fwd')] = forward(fn, inp)
             fns[(name, 'both')] = _forward_backward(fn, inp, grad)
-        times = time_rounds(fns, reps, 2, lambda: _sync(device))
+        times = time_rounds(fns, reps, 2, lambda: _sync(device), rewarm=1)
         med = {key: statistics.median(t) * 1e3 for key, t in times.items()}
         ext, ref, dense, swin = ((med[(name, 'fwd')], med[(name, 'both')]) if name in impls else
                                  (None, None) for name in ('ext', 'ref', 'dense', 'swin'))
@@ -200,8 +203,9 @@ def na_rows(args: argparse.Namespace) -> Table:
         if ext[0] is not None:
             ratio = f'{ext[1] / ext[0]:.2f}x'
             rate = p.flops() / (ext[0] * 1e-3) / 1e9
+            gemm_rate = 2.0 * args.gemm_size_used**3 / (med[('gemm', 'fwd')] * 1e-3) / 1e9
             gflops = f'{rate:.1f}'
-            pct = f'{100 * rate / args.gemm_rate:.0f}%'
+            pct = f'{100 * rate / gemm_rate:.0f}% of {gemm_rate:.0f}'
         rows.append([
             p.label(),
             _fmt(ext[0]),
@@ -282,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    gemm_size = 512 if args.quick else args.gemm_size
+    gemm_size = args.gemm_size_used = 512 if args.quick else args.gemm_size
     args.gemm_rate = gemm_gflops(gemm_size, getattr(torch, args.dtype), device,
                                  max(args.reps, 3))
     print(f'torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, '
