@@ -263,6 +263,10 @@ def test_opcheck_fused():
     q1, k1, v1, r1 = _inputs((2, 1, 9, 8), torch.float32, (3, ), requires_grad=True)
     torch.library.opcheck(torch.ops.mmboat.na1d_forward,
                           (q1, k1, v1, r1, [3], [2], [False], 0.35))
+    # float64: the log-sum-exp is float64 too, in the fake kernel as in the real one
+    q2, k2, v2, r2 = _inputs((1, 2, 5, 6, 8), torch.float64, (3, 3), requires_grad=True)
+    torch.library.opcheck(torch.ops.mmboat.na2d_forward,
+                          (q2, k2, v2, r2, [3, 3], [1, 2], [False, False], 0.35))
 
 
 @needs_unfused
