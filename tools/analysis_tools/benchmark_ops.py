@@ -79,21 +79,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], reps: int, warmup: int = 2,
-            device: torch.device = torch.device('cpu')) -> float:
-    """Median wall time of ``fn`` in milliseconds."""
-    times = time_rounds({0: fn}, reps, warmup, lambda: _sync(device))[0]
-    return statistics.median(times) * 1e3
-
-
-def gemm_gflops(size: int, dtype: torch.dtype, device: torch.device, reps: int) -> float:
-    """Measured ``torch.mm`` rate (GFLOP/s) for ``size x size`` matrices."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    ms = time_ms(lambda: torch.mm(a, b), reps, 2, device)
-    return 2.0 * size**3 / (ms * 1e-3) / 1e9
-
-
 def _forward_backward(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
                       grad: torch.Tensor) -> Callable[[], None]:
 
@@ -149,7 +134,7 @@ def na_rows(args: argparse.Namespace) -> Table:
     has_ext = neighborhood_attention_op_available('na2d_forward', device)
     header = [
         'problem', 'NA ext fwd ms', 'NA ext fwd+bwd ms', 'fwd+bwd / fwd', 'NA ext GFLOP/s',
-        '% of GEMM GFLOP/s (same rounds)',
+        f'% of {args.dtype} GEMM GFLOP/s (torch.mm {args.gemm_size}^3, same rounds)',
         'NA ref fwd ms', 'NA ref fwd+bwd ms', 'dense SDPA fwd ms', 'dense SDPA fwd+bwd ms',
         'Swin 7x7 SDPA fwd ms', 'Swin 7x7 SDPA fwd+bwd ms'
     ]
@@ -189,7 +174,7 @@ def na_rows(args: argparse.Namespace) -> Table:
             return run
 
         # The GEMM that "% of GEMM" refers to runs in the same rounds too.
-        ga = torch.randn(args.gemm_size_used, args.gemm_size_used, device=device, dtype=dtype)
+        ga = torch.randn(args.gemm_size, args.gemm_size, device=device, dtype=dtype)
         gb = torch.randn_like(ga)
         fns = {('gemm', 'fwd'): lambda: torch.mm(ga, gb)}
         for name, (fn, inp) in impls.items():
@@ -203,7 +188,7 @@ def na_rows(args: argparse.Namespace) -> Table:
         if ext[0] is not None:
             ratio = f'{ext[1] / ext[0]:.2f}x'
             rate = p.flops() / (ext[0] * 1e-3) / 1e9
-            gemm_rate = 2.0 * args.gemm_size_used**3 / (med[('gemm', 'fwd')] * 1e-3) / 1e9
+            gemm_rate = 2.0 * args.gemm_size**3 / (med[('gemm', 'fwd')] * 1e-3) / 1e9
             gflops = f'{rate:.1f}'
             pct = f'{100 * rate / gemm_rate:.0f}% of {gemm_rate:.0f}'
         rows.append([
@@ -270,7 +255,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='torch.set_num_threads (default: torch default)')
     parser.add_argument('--reps', type=int, default=None,
                         help='timed repetitions per measurement (default 10, quick 2)')
-    parser.add_argument('--gemm-size', type=int, default=2048)
+    parser.add_argument('--gemm-size', type=int, default=None,
+                        help='n of the n x n x n GEMM timed with each NA problem '
+                        '(default 2048, quick 512)')
     parser.add_argument('--max-dense-tokens', type=int, default=16384,
                         help='skip dense SDPA above this many tokens per map')
     parser.add_argument('--max-reference-elems', type=float, default=5e7,
@@ -278,6 +265,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.reps is None:
         args.reps = 2 if args.quick else 10
+    if args.gemm_size is None:
+        args.gemm_size = 512 if args.quick else 2048
     return args
 
 
@@ -286,13 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    gemm_size = args.gemm_size_used = 512 if args.quick else args.gemm_size
-    args.gemm_rate = gemm_gflops(gemm_size, getattr(torch, args.dtype), device,
-                                 max(args.reps, 3))
     print(f'torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, '
           f'dtype {args.dtype}')
-    print(f'measured {args.dtype} GEMM rate (torch.mm {gemm_size}^3): '
-          f'{args.gemm_rate:.1f} GFLOP/s')
     names = ['na', 'fsla'] if args.suite == 'all' else [args.suite]
     for name in names:
         table = SUITES[name](args)

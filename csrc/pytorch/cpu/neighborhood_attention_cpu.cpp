@@ -683,7 +683,7 @@ template <typename acc_t>
 struct Scratch {
   std::vector<int64_t> off, bias;
   std::vector<int> slot;
-  std::vector<acc_t> a, b, q, q2, acc;
+  std::vector<acc_t> a, b, q, acc;
   FixedRow<acc_t> fixed, fixed2;
   // Backward piece: p and ds per query (rows of pstride), q * scale and grad_out per query,
   // window start / end (in dilation-group units) and size per query, per-query offsets of a
@@ -695,8 +695,8 @@ struct Scratch {
   std::vector<int64_t> shift;    // key_row: query-index shift of each row segment
   std::vector<char> bs_used;
   Scratch(int64_t slots, int64_t dim)
-      : off(slots), bias(slots), slot(slots), a(slots + 8), b(slots + 8), q(dim), q2(dim),
-        acc(dim), pstride(slots + 8) {}
+      : off(slots), bias(slots), slot(slots), a(slots + 8), b(slots + 8), q(dim), acc(dim),
+        pstride(slots + 8) {}
   void piece(int64_t n, int64_t dim) {
     if (int64_t(cnt.size()) >= n) return;
     pp.resize(n * pstride);
@@ -912,9 +912,12 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
   const int k2 = s.kernel[2];
   const int64_t ngroups = wstep == d2 ? 1 : std::min<int64_t>(d2, w1 - w0);
   const int64_t gstep = wstep == d2 ? wstep : d2;
+  // Queries of group grp in one row of the piece.
+  const auto group_len = [&](int64_t grp) {
+    return w0 + grp < w1 ? (w1 - (w0 + grp) + gstep - 1) / gstep : int64_t(0);
+  };
   int64_t m_row = 0;  // queries per row; row j's are the piece's [j * m_row, (j + 1) * m_row)
-  for (int64_t grp = 0; grp < ngroups; ++grp)
-    if (w0 + grp < w1) m_row += (w1 - (w0 + grp) + gstep - 1) / gstep;
+  for (int64_t grp = 0; grp < ngroups; ++grp) m_row += group_len(grp);
   const int64_t ps = sc.pstride;
   sc.piece(nq * m_row, dim);
 
@@ -1046,9 +1049,7 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
   };
   int64_t first = 0;
   for (int64_t grp = 0; grp < ngroups; ++grp) {
-    if (w0 + grp >= w1) continue;
-    const int64_t m = (w1 - (w0 + grp) + gstep - 1) / gstep;
-    const int64_t last = first + m;
+    const int64_t last = first + group_len(grp);
     const int64_t res = (w0 + grp) % d2;  // every window of the group starts in this residue
     key_runs(first, last, res);
     first = last;
