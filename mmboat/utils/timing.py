@@ -7,7 +7,7 @@ K = TypeVar('K', bound=Hashable)
 
 def time_rounds(fns: Mapping[K, Callable[[], object]], repeats: int, warmup: int = 0,
                 sync: Callable[[], None] = lambda: None,
-                rewarm: int = 0) -> Dict[K, List[float]]:
+                rewarm: int = 0, settle: float = 0.0) -> Dict[K, List[float]]:
     """Seconds per call of each function in each of ``repeats`` rounds.
 
     ``warmup`` untimed rounds come first. Every round calls each function once, in turn, so
@@ -15,7 +15,10 @@ def time_rounds(fns: Mapping[K, Callable[[], object]], repeats: int, warmup: int
     side; with one function this is a plain timing loop. ``sync`` runs after every call, inside
     the timing (e.g. ``torch.cuda.synchronize``). ``rewarm`` untimed calls of a function come
     right before each of its timed calls, so that a small problem is timed with its data in
-    cache rather than just after a large neighbour in the round evicted it.
+    cache rather than just after a large neighbour in the round evicted it. ``settle`` (seconds)
+    keeps making those untimed calls until that much time has passed: on shared 2-core machines a
+    call made within ~20 ms of a long all-core neighbour (a large GEMM) runs up to several
+    times slower, and one re-warm call does not cover that.
 
     Examples:
         >>> times = time_rounds({'a': lambda: sum(range(100))}, repeats=3)
@@ -29,9 +32,12 @@ def time_rounds(fns: Mapping[K, Callable[[], object]], repeats: int, warmup: int
     times: Dict[K, List[float]] = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
-            for _ in range(rewarm):
+            begin = time.perf_counter()
+            calls = 0
+            while calls < rewarm or time.perf_counter() - begin < settle:
                 fn()
                 sync()
+                calls += 1
             start = time.perf_counter()
             fn()
             sync()

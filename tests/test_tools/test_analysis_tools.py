@@ -1,5 +1,6 @@
 """tools/analysis_tools: get_flops.py counts mmboat's NA ops; benchmark.py prints its table."""
 import math
+import time
 
 import pytest
 from tool_helpers import SEG_CONFIG, load_tool
@@ -61,3 +62,14 @@ def test_benchmark_bad_args():
         benchmark.parse_args(['--models', 'resnet-9000'])
     with pytest.raises(SystemExit):
         benchmark.parse_args(['--batch-size', '0'])
+
+
+def test_time_rounds_rewarm_and_settle():
+    from mmboat.utils.timing import time_rounds
+    calls = []
+    times = time_rounds({'a': lambda: calls.append('a')}, repeats=3, warmup=1, rewarm=1)
+    assert len(times['a']) == 3 and len(calls) == 1 + 3 * 2  # warmup + (re-warm + timed)
+    calls.clear()
+    time_rounds({'a': lambda: calls.append(time.sleep(0.002))}, repeats=2, settle=0.02)
+    # each timed call follows >= 20 ms of untimed 2 ms calls (and sleeps never run short)
+    assert 2 * (1 + 5) <= len(calls) <= 2 * (1 + 11)

@@ -6,8 +6,9 @@ Suites:
   k, dilation``: the compiled op, the pure-PyTorch reference, dense SDPA over the whole map and
   Swin-style 7x7 window attention through SDPA on the same tokens; forward and
   forward+backward times (all of them, and a ``torch.mm`` GEMM, timed warm in alternating
-  rounds) and, for the compiled op, their ratio, its GFLOP/s and its share of the GEMM rate
-  measured in those rounds.
+  rounds, each timed call after at least ``--settle-ms`` of untimed ones) and, for the
+  compiled op, their ratio, its GFLOP/s and its share of the GEMM rate measured in those
+  rounds.
 * ``fsla``: hook for the feature-space local attention benchmark; runs
   ``fsla_rows(args)`` from ``tools/analysis_tools/fsla_benchmark.py`` when that file exists
   (it returns ``(header, rows)``: a list of column names and a list of rows of strings).
@@ -180,7 +181,8 @@ def na_rows(args: argparse.Namespace) -> Table:
         for name, (fn, inp) in impls.items():
             fns[(name, 'fwd')] = forward(fn, inp)
             fns[(name, 'both')] = _forward_backward(fn, inp, grad)
-        times = time_rounds(fns, reps, 2, lambda: _sync(device), rewarm=1)
+        times = time_rounds(fns, reps, 2, lambda: _sync(device), rewarm=1,
+                            settle=args.settle_ms * 1e-3)
         med = {key: statistics.median(t) * 1e3 for key, t in times.items()}
         ext, ref, dense, swin = ((med[(name, 'fwd')], med[(name, 'both')]) if name in impls else
                                  (None, None) for name in ('ext', 'ref', 'dense', 'swin'))
@@ -258,6 +260,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--gemm-size', type=int, default=None,
                         help='n of the n x n x n GEMM timed with each NA problem '
                         '(default 2048, quick 512)')
+    parser.add_argument('--settle-ms', type=float, default=None,
+                        help='untimed calls of a function before each timed one last at least '
+                        'this long, so no call is timed in the slow spell that follows the '
+                        'all-core GEMM on small shared machines (default 25, quick 0)')
     parser.add_argument('--max-dense-tokens', type=int, default=16384,
                         help='skip dense SDPA above this many tokens per map')
     parser.add_argument('--max-reference-elems', type=float, default=5e7,
@@ -267,6 +273,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.reps = 2 if args.quick else 10
     if args.gemm_size is None:
         args.gemm_size = 512 if args.quick else 2048
+    if args.settle_ms is None:
+        args.settle_ms = 0.0 if args.quick else 25.0
     return args
 
 
