@@ -153,7 +153,7 @@ def na_rows(args: argparse.Namespace) -> Table:
 
         # Every implementation's forward and forward+backward run once per round, in turn,
         # so the ratios between them are taken side by side on a shared machine; each timed
-        # call follows an untimed one of the same function (warm caches).
+        # call follows untimed ones of the same function, for at least --settle-ms.
         impls = {}
         if has_ext:
             impls['ext'] = (lambda *a: na2d(*a, kernel_size=p.kernel, dilation=p.dilation,

@@ -206,16 +206,25 @@ struct Avx2Ops {
     }
   }
 
+  // f(std::integral_constant<int, NV>()) with NV = dim / 8 for the head dims that have their
+  // own kernel instances (16, 32, 64), NV = 0 (any multiple of 8) otherwise.
+  template <class F>
+  MMBOAT_AVX2 static inline void by_head_dim(int dim, const F& f) {
+    switch (dim) {
+      case 16: return f(std::integral_constant<int, 2>());
+      case 32: return f(std::integral_constant<int, 4>());
+      case 64: return f(std::integral_constant<int, 8>());
+      default: return f(std::integral_constant<int, 0>());
+    }
+  }
+
   MMBOAT_AVX2 static inline void dots(const float* __restrict q, const float* __restrict base,
                                       const int64_t* __restrict off, int n, int dim,
                                       float* __restrict out,
                                       const float* __restrict add = nullptr) {
-    switch (dim) {
-      case 16: return dots_nv<2>(q, base, off, n, dim, out, add);
-      case 32: return dots_nv<4>(q, base, off, n, dim, out, add);
-      case 64: return dots_nv<8>(q, base, off, n, dim, out, add);
-      default: return dots_nv<0>(q, base, off, n, dim, out, add);
-    }
+    by_head_dim(dim, [&](auto nv) MMBOAT_AVX2 {
+      dots_nv<decltype(nv)::value>(q, base, off, n, dim, out, add);
+    });
   }
 
   // GenericOps::dots2 for 4 slots at a time: the 4 logits and the 4 dO . V sums share one
@@ -279,12 +288,9 @@ struct Avx2Ops {
                                        const int64_t* __restrict off, int n, int dim,
                                        float* __restrict out, float* __restrict out2,
                                        const float* __restrict add) {
-    switch (dim) {
-      case 16: return dots2_nv<2>(q, g, kbase, vbase, off, n, dim, out, out2, add);
-      case 32: return dots2_nv<4>(q, g, kbase, vbase, off, n, dim, out, out2, add);
-      case 64: return dots2_nv<8>(q, g, kbase, vbase, off, n, dim, out, out2, add);
-      default: return dots2_nv<0>(q, g, kbase, vbase, off, n, dim, out, out2, add);
-    }
+    by_head_dim(dim, [&](auto nv) MMBOAT_AVX2 {
+      dots2_nv<decltype(nv)::value>(q, g, kbase, vbase, off, n, dim, out, out2, add);
+    });
   }
 
   MMBOAT_AVX2 static inline void weighted_sum(const float* __restrict w,
