@@ -5,6 +5,8 @@
 // Fake kernels and the autograd formula are registered in mmboat/ops/feature_space_attention.py.
 #include "feature_space_attention.h"
 
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+
 #include <cmath>
 
 #include "checks.h"
@@ -97,4 +99,10 @@ TORCH_LIBRARY_FRAGMENT(mmboat, m) {
   m.def("clustered_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
         "Tensor perm, Tensor out, Tensor logsumexp, int cluster_size, int overlap, float scale) "
         "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+}
+
+// No derivative of the backward op: a second backward through it raises (see the
+// neighborhood-attention ops).
+TORCH_LIBRARY_IMPL(mmboat, Autograd, m) {
+  m.impl("clustered_attention_backward", torch::autograd::autogradNotImplementedFallback());
 }

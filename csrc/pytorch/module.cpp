@@ -26,6 +26,12 @@ std::string ext_info() {
   return info;
 }
 
+// Eager autograd entry of the fused neighborhood-attention ops (neighborhood_attention.cpp).
+at::Tensor na_fused(int64_t nd, const at::Tensor& query, const at::Tensor& key,
+                    const at::Tensor& value, const c10::optional<at::Tensor>& rpb,
+                    const std::vector<int64_t>& kernel_size, const std::vector<int64_t>& dilation,
+                    const std::vector<bool>& is_causal, double scale);
+
 }  // namespace mmboat
 
 TORCH_LIBRARY(mmboat, m) {
@@ -35,4 +41,11 @@ TORCH_LIBRARY(mmboat, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mmboat compiled ops; they are registered as torch.ops.mmboat.*";
   m.def("ext_info", &mmboat::ext_info, "build information");
+  m.def("na_fused", &mmboat::na_fused,
+        "fused neighborhood attention, mmboat::na{nd}d_forward / _backward under a C++ "
+        "autograd Function (the eager path of mmboat.ops.na1d/na2d/na3d)",
+        pybind11::arg("nd"), pybind11::arg("query"), pybind11::arg("key"), pybind11::arg("value"),
+        pybind11::arg("rpb"), pybind11::arg("kernel_size"), pybind11::arg("dilation"),
+        pybind11::arg("is_causal"), pybind11::arg("scale"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

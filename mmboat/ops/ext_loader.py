@@ -11,6 +11,7 @@ error if missing) or ``reference`` (pure PyTorch).
 import importlib
 import os
 import warnings
+from types import ModuleType
 from typing import Dict, Optional
 
 import torch
@@ -33,6 +34,11 @@ def _load() -> bool:
 def has_ext() -> bool:
     """Whether ``mmboat._ext`` loaded and registered its ops."""
     return _load()
+
+
+def ext_module() -> Optional[ModuleType]:
+    """The loaded ``mmboat._ext`` module (None when it did not load)."""
+    return _state['module'] if _load() else None  # type: ignore[return-value]
 
 
 def ext_error() -> Optional[str]:

@@ -4,7 +4,9 @@ The compiled kernels are ``torch.ops.mmboat.na{1,2,3}d_forward/_backward`` and
 ``torch.ops.mmboat.na2d_qk/_av`` (+ backwards), schemas in
 ``csrc/pytorch/neighborhood_attention.cpp``. This module validates arguments, registers fake
 (meta) kernels and autograd for those ops (so ``torch.compile(fullgraph=True)`` traces through
-them) and falls back to the pure-PyTorch references of
+them; eager calls of the fused ops take ``mmboat._ext.na_fused``, the same ops under a C++
+autograd Function, which runs no Python in the backward) and falls back to the pure-PyTorch
+references of
 :mod:`mmboat.ops.neighborhood_attention_reference` when the compiled op is missing for the
 input's device, or when ``impl='reference'``.
 
@@ -20,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .ext_loader import has_ext, requested_impl, use_ext
+from .ext_loader import ext_module, has_ext, requested_impl, use_ext
 from .neighborhood_attention_reference import (na2d_av_reference, na2d_qk_reference,
                                                nand_reference)
 
@@ -195,12 +197,12 @@ def _nand(n: int, query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tenso
         return nand_reference(query, key, value, rpb, ks, ds, cs, scale)
     args = (query.contiguous(), key.contiguous(), value.contiguous(),
             None if rpb is None else rpb.contiguous(), list(ks), list(ds), list(cs), scale)
-    if torch.compiler.is_compiling():  # traced through the registered fake + autograd
+    fused = _EAGER_FUSED[0]
+    if fused is None or torch.compiler.is_compiling():  # registered fake + autograd
         return _FORWARD_OPS[n](*args)[0]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
-        return _FusedNA.apply(n, *args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return _FORWARD_OPS[n](*args)[0]
+    # Eager: the same ops under a C++ autograd Function (csrc/pytorch/neighborhood_attention.cpp),
+    # without torch.library's per-call Python around the forward and the backward.
+    return fused(n, *args)
 
 
 def na1d(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor] = None,
@@ -365,6 +367,7 @@ def _register_fused(n: int) -> None:
 
 
 _FORWARD_OPS: Dict[int, Any] = {}  # n -> torch.ops.mmboat.na{n}d_forward.default
+_EAGER_FUSED: List[Any] = [None]  # mmboat._ext.na_fused once the fused ops are registered
 _BACKWARD_OPS: Dict[int, Any] = {}
 
 
@@ -374,28 +377,6 @@ def _fused_backward(n: int, ctx, grad_out: Tensor) -> Tuple[Tensor, Tensor, Tens
     query, key, value, rpb, out, lse = ctx.saved_tensors
     return tuple(_BACKWARD_OPS[n](grad_out.contiguous(), query, key, value, rpb, out, lse,
                                   *ctx.config))
-
-
-class _FusedNA(torch.autograd.Function):
-    """Eager autograd of the fused ops: the forward and backward of the ``register_autograd``
-    registration above, which ``torch.compile`` traces, without the per-call Python of
-    torch.library's generic wrapper (about 0.1 ms per forward + backward, which decides the
-    backward / forward ratio of small maps). The log-sum-exp is not an output here, so no zero
-    gradient is made for it."""
-
-    @staticmethod
-    def forward(ctx, n, query, key, value, rpb, kernel_size, dilation, is_causal, scale):
-        with torch._C._AutoDispatchBelowAutograd():
-            out, lse = _FORWARD_OPS[n](query, key, value, rpb, kernel_size, dilation, is_causal,
-                                       scale)
-        ctx.save_for_backward(query, key, value, rpb, out, lse)
-        ctx.config = (kernel_size, dilation, is_causal, scale)
-        ctx.n = n
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (None, ) + _fused_backward(ctx.n, ctx, grad_out) + (None, ) * 4
 
 
 def _register_unfused() -> None:
@@ -456,6 +437,8 @@ def _register_all() -> List[str]:
                                                                     f'na{n}d_backward'):
             _register_fused(n)
             registered.append(f'na{n}d')
+    if len(registered) == 3:
+        _EAGER_FUSED[0] = getattr(ext_module(), 'na_fused', None)
     names = ('na2d_qk', 'na2d_qk_backward', 'na2d_av', 'na2d_av_backward')
     if all(hasattr(torch.ops.mmboat, name) for name in names):
         _register_unfused()
@@ -469,5 +452,6 @@ try:
 except Exception as exc:  # never fail at import; the reference path still works
     _REGISTERED.clear()
     _KERNELS.clear()
+    _EAGER_FUSED[0] = None
     warnings.warn(f'mmboat: registering the neighborhood-attention ops failed ({exc}); '
                   'they run on the pure-PyTorch reference', RuntimeWarning)

@@ -376,6 +376,17 @@ def test_attention_compiled_grad_matches_reference(dtype, tol, shape, m, o):
 
 
 @needs_attention_op
+def test_attention_double_backward_raises():
+    # the backward op has no derivative: a second backward must fail, not warn and go on
+    q, k, v = qkv((1, 1, 20, 8), torch.float32, seed=2, requires_grad=True)
+    perm, _ = balanced_hierarchical_clustering(q, 8)
+    out = clustered_attention(q, k, v, perm, 8, 3, impl='ext')
+    (gq, ) = torch.autograd.grad(out, [q], torch.randn_like(out), create_graph=True)
+    with pytest.raises(RuntimeError, match='not implemented'):
+        torch.autograd.grad(gq.sum(), [q])
+
+
+@needs_attention_op
 def test_opcheck_attention():
     q, k, v = qkv((2, 2, 37, 4), torch.float32, seed=7, requires_grad=True)
     perm, _ = balanced_hierarchical_clustering(q, 8)

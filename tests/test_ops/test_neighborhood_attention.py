@@ -201,6 +201,30 @@ def test_backward_deterministic():
 
 
 @needs_fused
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_backward_ignores_stale_memory(dtype):
+    # dK / dV start as uninitialised buffers that the kernel sets on first write: freed NaN
+    # blocks of the same size (which the allocator hands out again) must not leak in.
+    cases = [((1, 2, 9, 10, 8), (3, 3), (2, 1), (False, False)),
+             ((2, 1, 4, 70, 16), (3, 5), (1, 3), (False, False)),
+             ((1, 2, 8, 9, 8), (4, 3), (1, 2), (True, True))]
+    for shape, ks, ds, cs in cases:
+        rpb_ks = None if any(cs) else ks
+        q, k, v, rpb = _inputs(shape, dtype, rpb_ks)
+        out, lse = torch.ops.mmboat.na2d_forward(q, k, v, rpb, ks, ds, cs, 0.5)
+        grad = torch.randn_like(out)
+        poison = [torch.full_like(k, float('nan')) for _ in range(6)]
+        del poison
+        dq, dk, dv, _ = torch.ops.mmboat.na2d_backward(grad, q, k, v, rpb, out, lse, ks, ds, cs,
+                                                       0.5)
+        ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = nand_reference(*ref_in, None if rpb is None else rpb.double(), ks, ds, cs, 0.5)
+        ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+        for got, want in zip((dq, dk, dv), ref_grads):
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@needs_fused
 def test_gradcheck_fused():
     q, k, v, rpb = _inputs((1, 2, 7, 6, 4), torch.float64, (3, 3), requires_grad=True)
     fn = lambda *a: na2d(*a, kernel_size=3, dilation=(2, 1), impl='ext')  # noqa: E731
@@ -215,8 +239,9 @@ def test_gradcheck_fused():
 
 @needs_fused
 def test_eager_autograd_matches_registered_autograd():
-    # na2d runs its own autograd.Function in eager mode; torch.compile and direct op callers
-    # go through the torch.library registration. Both must give the same values and grads.
+    # na2d runs a C++ autograd Function (mmboat._ext.na_fused) in eager mode; torch.compile and
+    # direct op callers go through the torch.library registration. Both must give the same
+    # values and grads.
     q, k, v, rpb = _inputs((1, 2, 9, 8, 8), torch.float32, (3, 3), requires_grad=True)
     out = na2d(q, k, v, rpb, 3, (2, 1), impl='ext')
     out_op, _ = torch.ops.mmboat.na2d_forward(q, k, v, rpb, [3, 3], [2, 1], [False, False],
@@ -239,6 +264,23 @@ def test_eager_autograd_matches_registered_autograd():
                          8**-0.5)
     (gq_ref, ) = torch.autograd.grad(ref, [q64], g.double())
     torch.testing.assert_close(gq.double(), gq_ref, atol=1e-5, rtol=1e-4)
+    # only rpb needs grad; a non-contiguous output gradient
+    rd = rpb.detach().requires_grad_()
+    out_r = na2d(q.detach(), kd, vd, rd, 3, (2, 1), impl='ext')
+    g_nc = torch.randn(out_r.shape[:-1] + (2 * out_r.shape[-1], ))[..., ::2]
+    out_r_op, _ = torch.ops.mmboat.na2d_forward(q.detach(), kd, vd, rd, [3, 3], [2, 1],
+                                                [False, False], 8**-0.5)
+    (gr, ) = torch.autograd.grad(out_r, [rd], g_nc)
+    (gr_op, ) = torch.autograd.grad(out_r_op, [rd], g_nc)
+    assert torch.equal(gr, gr_op)
+    # a second derivative fails loudly on both paths (the backward op has no derivative)
+    outs = (na2d(q, k, v, rpb, 3, (2, 1), impl='ext'),
+            torch.ops.mmboat.na2d_forward(q, k, v, rpb, [3, 3], [2, 1], [False, False],
+                                          8**-0.5)[0])
+    for o in outs:
+        (g1, ) = torch.autograd.grad(o, [q], g, create_graph=True)
+        with pytest.raises(RuntimeError, match='not implemented'):
+            torch.autograd.grad(g1.sum(), [q])
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@
 // path takes keys in pairs so that a query row loaded once feeds both).
 // When the last axis is not causal, every query of a row shares one slot list and a table of
 // its rpb values (FixedRow), so the per-query work is only the dot products and sums.
+// dK and dV are not zero-filled first: a per-key flag says whether its rows were written yet,
+// and the first write stores instead of adding.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -107,16 +109,24 @@ struct GenericOps {
   // Gradient rows of the keys u0 + b (b < nu) of one key row, b-th at element offset
   // b * kstride: dk += sum_i ds[coff[i] + u] * qb[i] and dv += sum_i p[coff[i] + u] * gb[i]
   // over the piece's queries lo[b] + shift[g] <= i < hi[b] + shift[g] of each segment g
-  // (one per query row that reaches the key row; query rows of dim values).
+  // (one per query row that reaches the key row; query rows of dim values). The gradient
+  // buffers start uninitialised: key b's rows are set instead of added to when its flag
+  // seen[b * sstride] is still 0, and the flag is then set.
   static MMBOAT_INLINE void key_row(const acc_t* __restrict ds, const acc_t* __restrict p,
                                     const int64_t* __restrict coff, const int* __restrict lo,
                                     const int* __restrict hi, const int64_t* __restrict shift,
                                     int nseg, int64_t u0, int nu, const acc_t* __restrict qb,
                                     const acc_t* __restrict gb, acc_t* __restrict dk,
-                                    acc_t* __restrict dv, int64_t kstride, int dim) {
+                                    acc_t* __restrict dv, int64_t kstride, int dim,
+                                    uint8_t* __restrict seen, int64_t sstride) {
     for (int b = 0; b < nu; ++b) {
       acc_t* __restrict yk = dk + b * kstride;
       acc_t* __restrict yv = dv + b * kstride;
+      if (!seen[b * sstride]) {
+        seen[b * sstride] = 1;
+        std::fill(yk, yk + dim, acc_t(0));
+        std::fill(yv, yv + dim, acc_t(0));
+      }
       for (int g = 0; g < nseg; ++g)
         for (int64_t i = lo[b] + shift[g]; i < hi[b] + shift[g]; ++i) {
           const acc_t a = ds[coff[i] + u0 + b], c = p[coff[i] + u0 + b];
@@ -351,14 +361,15 @@ struct Avx2Ops {
   // y0 += sum_{lo0 <= i < hi0} c[coff[i] + u] * rows[i] and, when y1 is not null,
   // y1 += sum_{lo1 <= i < hi1} c[coff[i] + u + 1] * rows[i], for NV * 8 columns, with the
   // query ranges shifted by shift[g] for each segment g; the runs grow with the key
-  // (lo0 <= lo1, hi0 <= hi1), so a row shared by both keys is loaded once.
+  // (lo0 <= lo1, hi0 <= hi1), so a row shared by both keys is loaded once. With set0 / set1
+  // the sums are stored instead of added.
   template <int NV>
   MMBOAT_AVX2 static inline void pair_sums(const float* __restrict c,
                                            const int64_t* __restrict coff, int lo0, int hi0,
                                            int lo1, int hi1, const int64_t* __restrict shift,
                                            int nseg, int64_t u, const float* __restrict rows,
                                            int dim, float* __restrict y0,
-                                           float* __restrict y1) {
+                                           float* __restrict y1, bool set0, bool set1) {
     __m256 a0[NV], a1[NV];
     for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm256_setzero_ps();
     if (!y1) lo1 = hi1 = hi0;
@@ -393,10 +404,12 @@ struct Avx2Ops {
       }
     }
     for (int v = 0; v < NV; ++v)
-      _mm256_storeu_ps(y0 + 8 * v, _mm256_add_ps(_mm256_loadu_ps(y0 + 8 * v), a0[v]));
+      _mm256_storeu_ps(y0 + 8 * v,
+                       set0 ? a0[v] : _mm256_add_ps(_mm256_loadu_ps(y0 + 8 * v), a0[v]));
     if (y1)
       for (int v = 0; v < NV; ++v)
-        _mm256_storeu_ps(y1 + 8 * v, _mm256_add_ps(_mm256_loadu_ps(y1 + 8 * v), a1[v]));
+        _mm256_storeu_ps(y1 + 8 * v,
+                         set1 ? a1[v] : _mm256_add_ps(_mm256_loadu_ps(y1 + 8 * v), a1[v]));
   }
 
   // See GenericOps::key_row; keys go in pairs, 32 columns at a time, dK and dV apart, with
@@ -407,24 +420,28 @@ struct Avx2Ops {
                                          const int64_t* __restrict shift, int nseg, int64_t u0,
                                          int nu, const float* __restrict qb,
                                          const float* __restrict gb, float* __restrict dk,
-                                         float* __restrict dv, int64_t kstride, int dim) {
+                                         float* __restrict dv, int64_t kstride, int dim,
+                                         uint8_t* __restrict seen, int64_t sstride) {
     for (int b = 0; b < nu; b += 2) {
       const bool two = b + 1 < nu;
       const int lo1 = two ? lo[b + 1] : 0, hi1 = two ? hi[b + 1] : 0;
+      const bool set0 = !seen[b * sstride], set1 = two && !seen[(b + 1) * sstride];
+      seen[b * sstride] = 1;
+      if (two) seen[(b + 1) * sstride] = 1;
       float* yk = dk + b * kstride;
       float* yv = dv + b * kstride;
       int d0 = 0;
       for (; d0 + 32 <= dim; d0 += 32) {
         pair_sums<4>(ds, coff, lo[b], hi[b], lo1, hi1, shift, nseg, u0 + b, qb + d0, dim,
-                     yk + d0, two ? yk + kstride + d0 : nullptr);
+                     yk + d0, two ? yk + kstride + d0 : nullptr, set0, set1);
         pair_sums<4>(p, coff, lo[b], hi[b], lo1, hi1, shift, nseg, u0 + b, gb + d0, dim,
-                     yv + d0, two ? yv + kstride + d0 : nullptr);
+                     yv + d0, two ? yv + kstride + d0 : nullptr, set0, set1);
       }
       for (; d0 < dim; d0 += 8) {
         pair_sums<1>(ds, coff, lo[b], hi[b], lo1, hi1, shift, nseg, u0 + b, qb + d0, dim,
-                     yk + d0, two ? yk + kstride + d0 : nullptr);
+                     yk + d0, two ? yk + kstride + d0 : nullptr, set0, set1);
         pair_sums<1>(p, coff, lo[b], hi[b], lo1, hi1, shift, nseg, u0 + b, gb + d0, dim,
-                     yv + d0, two ? yv + kstride + d0 : nullptr);
+                     yv + d0, two ? yv + kstride + d0 : nullptr, set0, set1);
       }
     }
   }
@@ -889,8 +906,9 @@ struct BackwardArgs {
   const scalar_t *dout, *q, *k, *v, *out;
   const acc_t* lse;
   scalar_t* dq;
-  acc_t *dk, *dv;    // accumulation buffers, key layout
+  acc_t *dk, *dv;    // accumulation buffers, key layout, uninitialised until first written
   acc_t* dbias;      // [tasks, bias_size] or null
+  uint8_t* seen;     // per key token: dk / dv rows written yet
 };
 
 // One piece of one or two query rows (the queries w0, w0 + wstep, ... < w1 of each, taken
@@ -919,6 +937,7 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
   const scalar_t* vb = A.v + bh * bh_stride;
   acc_t* dkb = A.dk + bh * bh_stride;
   acc_t* dvb = A.dv + bh * bh_stride;
+  uint8_t* seenb = A.seen + bh * s.tokens();
   const scalar_t* rpb = P.rpb ? P.rpb + (bh % s.heads) * s.bias_size() : nullptr;
   acc_t* dbias = A.dbias ? A.dbias + task * s.bias_size() : nullptr;
   const bool fixed = !s.causal[2];
@@ -1055,10 +1074,11 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
           sc.coff[i] = i * ps + kr[j] * sc.cnt[i] - sc.su[i];
         sc.shift[nseg++] = sh;
       }
-      const int64_t key = (row + res + u0 * d2) * s.dim;
+      const int64_t key = row + res + u0 * d2;  // token
       Ops::key_row(sc.pds.data(), sc.pp.data(), sc.coff.data(), sc.lo.data(), sc.hi.data(),
-                   sc.shift.data(), nseg, u0, nu, sc.pq.data(), sc.pg.data(), dkb + key,
-                   dvb + key, int64_t(d2) * s.dim, dim);
+                   sc.shift.data(), nseg, u0, nu, sc.pq.data(), sc.pg.data(),
+                   dkb + key * s.dim, dvb + key * s.dim, int64_t(d2) * s.dim, dim,
+                   seenb + key, d2);
     }
   };
   int64_t first = 0;
@@ -1093,12 +1113,12 @@ bool backward_fast(const Problem<float>& P, const BackwardArgs<float>& A, Scratc
 }
 #endif
 
-// Float accumulation buffer for a gradient of `like`'s shape: the output itself when the
-// dtype already is the accumulation type.
+// Float accumulation buffer for a gradient of `like`'s shape (zero-filled or not): the output
+// itself when the dtype already is the accumulation type.
 template <typename acc_t>
-at::Tensor accumulation_buffer(const at::Tensor& like) {
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  return at::zeros(like.sizes(), like.options().dtype(acc_type));
+at::Tensor accumulation_buffer(const at::Tensor& like, bool zeroed = true) {
+  const auto options = like.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  return zeroed ? at::zeros(like.sizes(), options) : at::empty(like.sizes(), options);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_backward(
@@ -1115,8 +1135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_
   at::Tensor dk, dv, drpb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "na_cpu", [&] {
     using acc_t = typename AccOf<scalar_t>::type;
-    at::Tensor dk_acc = accumulation_buffer<acc_t>(key);
-    at::Tensor dv_acc = accumulation_buffer<acc_t>(value);
+    // dK and dV are written by the kernels (see key_row), not zero-filled first.
+    at::Tensor dk_acc = accumulation_buffer<acc_t>(key, false);
+    at::Tensor dv_acc = accumulation_buffer<acc_t>(value, false);
     at::Tensor drpb_acc;
     if (s.has_rpb) drpb_acc = at::zeros(rpb.sizes(), rpb.options().dtype(dk_acc.scalar_type()));
     if (query.numel() > 0) {
@@ -1124,11 +1145,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_
       const TaskGrid g = make_grid(s);
       std::vector<acc_t> dbias;
       if (s.has_rpb) dbias.assign(s.batch * s.heads * g.per_bh() * s.bias_size(), acc_t(0));
+      std::vector<uint8_t> seen(s.batch * s.heads * s.tokens(), 0);
       BackwardArgs<scalar_t> A{grad_out.data_ptr<scalar_t>(), query.data_ptr<scalar_t>(),
                                key.data_ptr<scalar_t>(),      value.data_ptr<scalar_t>(),
                                out.data_ptr<scalar_t>(),      logsumexp.data_ptr<acc_t>(),
                                dq.data_ptr<scalar_t>(),       dk_acc.data_ptr<acc_t>(),
-                               dv_acc.data_ptr<acc_t>(),      s.has_rpb ? dbias.data() : nullptr};
+                               dv_acc.data_ptr<acc_t>(),      s.has_rpb ? dbias.data() : nullptr,
+                               seen.data()};
       const bool avx2 = use_avx2<scalar_t>(s);
       // One scratch per thread, reused across tasks.
       std::vector<std::unique_ptr<Scratch<acc_t>>> scratch(at::get_num_threads() + 1);
@@ -1147,6 +1170,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_
                                                            task, bh, t, h, h2, w0, w1, wstep);
       });
       if (s.has_rpb) reduce_bias(s, g, dbias, drpb_acc.data_ptr<acc_t>());
+      // Every key lies in its own query's window, so every flag is set by now; a key that
+      // no window reached would get zero gradients.
+      for (int64_t tok = 0; tok < int64_t(seen.size()); ++tok)
+        if (!seen[tok]) {
+          std::fill_n(A.dk + tok * s.dim, s.dim, acc_t(0));
+          std::fill_n(A.dv + tok * s.dim, s.dim, acc_t(0));
+        }
     }
     dk = dk_acc.scalar_type() == key.scalar_type() ? dk_acc : dk_acc.to(key.scalar_type());
     dv = dv_acc.scalar_type() == value.scalar_type() ? dv_acc : dv_acc.to(value.scalar_type());
