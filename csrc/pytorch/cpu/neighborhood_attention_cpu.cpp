@@ -11,12 +11,12 @@
 // determinism come from the task layout: tasks are blocks of 2k-2 rows of one dilation group
 // along the outermost non-trivial axis, and blocks of even then odd index run in two phases,
 // so two tasks that run together never touch the same key. The rpb gradient is accumulated
-// per task and summed in task order. A task walks its query rows in pieces (strips of 64
-// columns on wide maps, to stay in L2) and does each piece in two passes: query by query
-// (logits and dO . V in one sweep over the window, p, ds, dQ), then key by key (dK and dV of
-// every key the piece reaches, summed over the contiguous run of the piece's queries whose
-// windows hold it, so each key's gradient rows are read and written once per piece; the AVX2
-// path takes keys in pairs so that a query row loaded once feeds both).
+// per task and summed in task order. A task walks its query rows in pieces (kPieceRows rows,
+// strips of 64 columns on wide maps to stay in L2) and does each piece in two passes: query
+// by query (logits and dO . V in one sweep over the window, p, ds, dQ), then key by key (dK
+// and dV of every key the piece reaches, summed over the contiguous run of each query row's
+// queries whose windows hold it, so each key's gradient rows are read and written once per
+// piece; the AVX2 path takes keys in pairs so that a query row loaded once feeds both).
 // When the last axis is not causal, every query of a row shares one slot list and a table of
 // its rpb values (FixedRow), so the per-query work is only the dot products and sums.
 // dK and dV are not zero-filled first: a per-key flag says whether its rows were written yet,
@@ -647,13 +647,12 @@ TaskGrid make_grid(const Shape3d& s) {
   return g;
 }
 
-// Runs fn(task, bh, t, h, h2, w_begin, w_end, w_step) over every query row piece of each
+// Runs fn(task, bh, t, h, nh, w_begin, w_end, w_step) over every query row piece of each
 // task, in two phases (even blocks, then odd blocks) so concurrently running tasks write
-// disjoint keys. `task` indexes [0, batch * heads * per_bh). With pair_rows, a piece blocked
-// along axis 1 covers the rows h and h2 = h + dilation of the task's group (h2 = -1 when h is
-// its last row); otherwise h2 is always -1.
+// disjoint keys. `task` indexes [0, batch * heads * per_bh). A piece blocked along axis 1
+// covers nh <= piece_rows rows of the task's group: h, h + dilation, ...; otherwise nh is 1.
 template <typename Fn>
-void run_phased(const Shape3d& s, const TaskGrid& g, bool pair_rows, const Fn& fn) {
+void run_phased(const Shape3d& s, const TaskGrid& g, int piece_rows, const Fn& fn) {
   const int64_t bh_count = s.batch * s.heads;
   const int64_t half = (g.blocks + 1) / 2;
   for (int phase = 0; phase < 2; ++phase) {
@@ -674,20 +673,22 @@ void run_phased(const Shape3d& s, const TaskGrid& g, bool pair_rows, const Fn& f
         // Wide maps are walked in strips of kStrip columns so that the keys (and their
         // gradient rows) of consecutive query rows stay in the L2 cache.
         constexpr int64_t kStrip = 64;
-        const int64_t none = -1;
+        const int one = 1;
         if (g.axis == 2) {
-          fn(task, bh, int64_t(0), int64_t(0), none, first, last, int64_t(d));
+          fn(task, bh, int64_t(0), int64_t(0), one, first, last, int64_t(d));
         } else if (g.axis == 1) {
-          const int64_t hstep = pair_rows ? 2 * d : d;
+          const int64_t hstep = int64_t(piece_rows) * d;
           for (int64_t ws = 0; ws < s.size[2]; ws += kStrip)
-            for (int64_t h = first; h < last; h += hstep)
-              fn(task, bh, int64_t(0), h, pair_rows && h + d < last ? h + d : none, ws,
-                 std::min(ws + kStrip, s.size[2]), int64_t(1));
+            for (int64_t h = first; h < last; h += hstep) {
+              const int nh = int(std::min<int64_t>(piece_rows, (last - h + d - 1) / d));
+              fn(task, bh, int64_t(0), h, nh, ws, std::min(ws + kStrip, s.size[2]),
+                 int64_t(1));
+            }
         } else {
           for (int64_t ws = 0; ws < s.size[2]; ws += kStrip)
             for (int64_t t = first; t < last; t += d)
               for (int64_t h = 0; h < s.size[1]; ++h)
-                fn(task, bh, t, h, none, ws, std::min(ws + kStrip, s.size[2]), int64_t(1));
+                fn(task, bh, t, h, one, ws, std::min(ws + kStrip, s.size[2]), int64_t(1));
         }
       }
     });
@@ -709,13 +710,17 @@ void reduce_bias(const Shape3d& s, const TaskGrid& g, const std::vector<acc_t>& 
       }
 }
 
+// Query rows per piece of the fused backward (pass 2 then reads and writes each key's gradient
+// rows once for all of them).
+constexpr int kPieceRows = 4;
+
 // Thread scratch sized for one query; the backward adds the per-piece buffers.
 template <typename acc_t>
 struct Scratch {
   std::vector<int64_t> off, bias;
   std::vector<int> slot;
   std::vector<acc_t> a, b, q, acc;
-  FixedRow<acc_t> fixed, fixed2;
+  FixedRow<acc_t> fixed[kPieceRows];
   // Backward piece: p and ds per query (rows of pstride), q * scale and grad_out per query,
   // window start / end (in dilation-group units) and size per query, per-query offsets of a
   // key row's coefficients, ds row sums per rpb start.
@@ -911,28 +916,27 @@ struct BackwardArgs {
   uint8_t* seen;     // per key token: dk / dv rows written yet
 };
 
-// One piece of one or two query rows (the queries w0, w0 + wstep, ... < w1 of each, taken
-// per dilation group of the last axis), in two passes:
+// One piece of nq <= kPieceRows query rows (the queries w0, w0 + wstep, ... < w1 of each,
+// taken per dilation group of the last axis), in two passes:
 //  1. query by query: logits and dO . V over the window, p from the saved log-sum-exp,
 //     ds = p * (dO . V - delta) and dQ; p and ds of every query of the piece are kept;
 //  2. key by key, for each key row the piece reaches: dK += sum ds * q * scale and
 //     dV += sum p * dO over the piece's queries whose window holds the key. Window starts and
 //     ends grow with the query, so in each query row these queries are a contiguous run of
 //     the group (found by two pointers, the same in both rows), and the key's gradient rows
-//     are read and written once per piece, for both query rows together.
+//     are read and written once per piece, for all its query rows together.
 template <class Ops, typename scalar_t>
 MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const BackwardArgs<scalar_t>& A,
                                       Scratch<typename AccOf<scalar_t>::type>& sc,
                                       RowWindow* rws, int64_t task, int64_t bh, int64_t t,
-                                      int64_t h, int64_t h2, int64_t w0, int64_t w1,
+                                      int64_t h, int nq, int64_t w0, int64_t w1,
                                       int64_t wstep) {
   using acc_t = typename AccOf<scalar_t>::type;
   const Shape3d& s = P.s;
   const int dim = int(s.dim);
   const int64_t bh_stride = s.tokens() * s.dim;
-  const int nq = h2 >= 0 ? 2 : 1;  // query rows
-  const int64_t hq[2] = {h, h2};
-  FixedRow<acc_t>* frs[2] = {&sc.fixed, &sc.fixed2};
+  int64_t hq[kPieceRows];  // query rows
+  for (int j = 0; j < nq; ++j) hq[j] = h + int64_t(j) * s.dilation[1];
   const scalar_t* kb = A.k + bh * bh_stride;
   const scalar_t* vb = A.v + bh * bh_stride;
   acc_t* dkb = A.dk + bh * bh_stride;
@@ -957,7 +961,7 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
   // Pass 1.
   for (int j = 0; j < nq; ++j) {
     RowWindow& rw = rws[j];
-    FixedRow<acc_t>& fr = *frs[j];
+    FixedRow<acc_t>& fr = sc.fixed[j];
     build_row(P, t, hq[j], rw);
     if (fixed) build_fixed(P, rw, rpb, fr);
     // Row sums of ds per window bias start (fixed rows): the rpb gradient is scattered once
@@ -1036,9 +1040,7 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
 
   // Pass 2. Key rows of the piece: row_off ascending in each query row's window, merged;
   // kr[j] is the key row's index in query row j's window (-1 when it is not there).
-  const RowWindow& rw0 = rws[0];
-  const RowWindow& rw1 = rws[nq - 1];
-  sc.shift.resize(2);
+  sc.shift.resize(kPieceRows);
   const auto key_runs = [&](int64_t a, int64_t b, int64_t res) {
     if (a >= b) return;
     const int64_t u0 = sc.su[a];
@@ -1052,20 +1054,15 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
       sc.hi[c] = int(hi);
     }
     constexpr int64_t kEnd = std::numeric_limits<int64_t>::max();
-    int r0 = 0, r1 = 0;
-    while (r0 < rw0.nrows || (nq == 2 && r1 < rw1.nrows)) {
-      int64_t row;
-      int kr[2] = {-1, -1};
-      if (nq == 1) {
-        row = rw0.row_off[r0];
-        kr[0] = r0++;
-      } else {
-        const int64_t o0 = r0 < rw0.nrows ? rw0.row_off[r0] : kEnd;
-        const int64_t o1 = r1 < rw1.nrows ? rw1.row_off[r1] : kEnd;
-        row = std::min(o0, o1);
-        if (o0 == row) kr[0] = r0++;
-        if (o1 == row) kr[1] = r1++;
-      }
+    int r[kPieceRows] = {};
+    for (;;) {
+      int64_t row = kEnd;
+      for (int j = 0; j < nq; ++j)
+        if (r[j] < rws[j].nrows) row = std::min(row, rws[j].row_off[r[j]]);
+      if (row == kEnd) break;
+      int kr[kPieceRows];
+      for (int j = 0; j < nq; ++j)
+        kr[j] = r[j] < rws[j].nrows && rws[j].row_off[r[j]] == row ? r[j]++ : -1;
       int nseg = 0;
       for (int j = 0; j < nq; ++j) {
         if (kr[j] < 0) continue;
@@ -1093,22 +1090,22 @@ MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const Backward
 template <typename scalar_t>
 bool backward_fast(const Problem<scalar_t>&, const BackwardArgs<scalar_t>&,
                    Scratch<typename AccOf<scalar_t>::type>&, RowWindow*, int64_t, int64_t,
-                   int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
+                   int64_t, int64_t, int, int64_t, int64_t, int64_t) {
   return false;
 }
 
 #if MMBOAT_X86
 MMBOAT_AVX2 MMBOAT_FLATTEN void fused_backward_row_avx2(
     const Problem<float>& P, const BackwardArgs<float>& A, Scratch<float>& sc, RowWindow* rws,
-    int64_t task, int64_t bh, int64_t t, int64_t h, int64_t h2, int64_t w0, int64_t w1,
+    int64_t task, int64_t bh, int64_t t, int64_t h, int nh, int64_t w0, int64_t w1,
     int64_t wstep) {
-  fused_backward_row<Avx2Ops, float>(P, A, sc, rws, task, bh, t, h, h2, w0, w1, wstep);
+  fused_backward_row<Avx2Ops, float>(P, A, sc, rws, task, bh, t, h, nh, w0, w1, wstep);
 }
 
 bool backward_fast(const Problem<float>& P, const BackwardArgs<float>& A, Scratch<float>& sc,
-                   RowWindow* rws, int64_t task, int64_t bh, int64_t t, int64_t h, int64_t h2,
+                   RowWindow* rws, int64_t task, int64_t bh, int64_t t, int64_t h, int nh,
                    int64_t w0, int64_t w1, int64_t wstep) {
-  fused_backward_row_avx2(P, A, sc, rws, task, bh, t, h, h2, w0, w1, wstep);
+  fused_backward_row_avx2(P, A, sc, rws, task, bh, t, h, nh, w0, w1, wstep);
   return true;
 }
 #endif
@@ -1156,18 +1153,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_
       // One scratch per thread, reused across tasks.
       std::vector<std::unique_ptr<Scratch<acc_t>>> scratch(at::get_num_threads() + 1);
       std::vector<std::unique_ptr<RowWindow[]>> rows(at::get_num_threads() + 1);
-      run_phased(s, g, true, [&](int64_t task, int64_t bh, int64_t t, int64_t h, int64_t h2,
+      run_phased(s, g, kPieceRows, [&](int64_t task, int64_t bh, int64_t t, int64_t h, int nh,
                                  int64_t w0, int64_t w1, int64_t wstep) {
         const int tid = std::min<int>(at::get_thread_num(), int(scratch.size()) - 1);
         if (!scratch[tid]) {
           scratch[tid] = std::make_unique<Scratch<acc_t>>(s.slots(), s.dim);
-          rows[tid] = std::make_unique<RowWindow[]>(2);
+          rows[tid] = std::make_unique<RowWindow[]>(kPieceRows);
         }
-        if (avx2 && backward_fast(P, A, *scratch[tid], rows[tid].get(), task, bh, t, h, h2, w0,
+        if (avx2 && backward_fast(P, A, *scratch[tid], rows[tid].get(), task, bh, t, h, nh, w0,
                                   w1, wstep))
           return;
         fused_backward_row<GenericOps<scalar_t>, scalar_t>(P, A, *scratch[tid], rows[tid].get(),
-                                                           task, bh, t, h, h2, w0, w1, wstep);
+                                                           task, bh, t, h, nh, w0, w1, wstep);
       });
       if (s.has_rpb) reduce_bias(s, g, dbias, drpb_acc.data_ptr<acc_t>());
       // Every key lies in its own query's window, so every flag is set by now; a key that
@@ -1287,7 +1284,7 @@ void for_each_query_phased(const Problem<scalar_t>& P, const TaskGrid& g, const 
   const Shape3d& s = P.s;
   std::vector<std::unique_ptr<Scratch<acc_t>>> scratch(at::get_num_threads() + 1);
   std::vector<std::unique_ptr<RowWindow>> rows(at::get_num_threads() + 1);
-  run_phased(s, g, false, [&](int64_t task, int64_t bh, int64_t t, int64_t h, int64_t,
+  run_phased(s, g, 1, [&](int64_t task, int64_t bh, int64_t t, int64_t h, int,
                               int64_t w0, int64_t w1, int64_t wstep) {
     const int tid = std::min<int>(at::get_thread_num(), int(scratch.size()) - 1);
     if (!scratch[tid]) {
