@@ -916,6 +916,7 @@ inline double softmax_exp(double x) { return std::exp(x); }
 // s[j] = sum_c a[c] * m_t[c, j] for the K keys (vectorised over keys).
 template <typename T>
 inline void dots_with_keys(const T* a, const T* m_t, int64_t d, int64_t count, T* s) {
+  if (count <= 0) return;  // (also tells GCC the fill size is positive: no -Wstringop-overflow)
   std::fill(s, s + count, T(0));
   for (int64_t c = 0; c < d; ++c) {
     const T ac = a[c];
