@@ -1,5 +1,6 @@
 """tools/analysis_tools: get_flops.py counts mmboat's NA ops; benchmark.py prints its table."""
 import math
+import os
 import time
 
 import pytest
@@ -34,6 +35,7 @@ def test_get_flops_bad_shape():
 
 
 def test_benchmark_quick_table(capsys):
+    impl_before = os.environ.get('MMBOAT_OPS_IMPL')
     rows = benchmark.main(['--quick', '--models', 'nat-mini', 'convnext-t', '--impl', 'auto',
                            'reference', '--warmup', '0', '--iters', '1'])
     table = capsys.readouterr().out
@@ -45,6 +47,7 @@ def test_benchmark_quick_table(capsys):
     assert 'images/s' in table and 'peak mem (MB)' in table
     assert sum(line.startswith('| nat-mini') for line in table.splitlines()) == 2
     assert abs(rows[0]['params_m'] - 19.5) < 1.0  # NAT-Mini backbone without its head
+    assert os.environ.get('MMBOAT_OPS_IMPL') == impl_before  # --impl does not leak out
 
 
 def test_benchmark_interleaved(capsys):

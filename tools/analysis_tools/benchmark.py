@@ -249,7 +249,14 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     info = ext_info()
     print(f'mmboat._ext: {"loaded" if info["loaded"] else "missing"}'
           f'{" (CUDA)" if info["with_cuda"] else ""}; CPU threads: {threads}', flush=True)
-    rows = run(args)
+    saved_impl = os.environ.get('MMBOAT_OPS_IMPL')
+    try:
+        rows = run(args)
+    finally:  # run() selects implementations through MMBOAT_OPS_IMPL; in-process callers
+        if saved_impl is None:  # (tests, notebooks) get their setting back
+            os.environ.pop('MMBOAT_OPS_IMPL', None)
+        else:
+            os.environ['MMBOAT_OPS_IMPL'] = saved_impl
     print(format_table(rows), flush=True)
     return rows
 
