@@ -358,25 +358,20 @@ def _register_fused(n: int) -> None:
         ctx.save_for_backward(query, key, value, rpb, out, lse)
         ctx.config = (kernel_size, dilation, is_causal, scale)
 
+    backward_op = getattr(torch.ops.mmboat, f'na{n}d_backward').default
+
     def _backward(ctx, grad_out, grad_lse):
-        return _fused_backward(n, ctx, grad_out) + (None, ) * 4
+        query, key, value, rpb, out, lse = ctx.saved_tensors
+        dq, dk, dv, drpb = backward_op(grad_out.contiguous(), query, key, value, rpb, out, lse,
+                                       *ctx.config)
+        return dq, dk, dv, drpb, None, None, None, None
 
     torch.library.register_autograd(fwd_name, _backward, setup_context=_setup)
     _FORWARD_OPS[n] = getattr(torch.ops.mmboat, f'na{n}d_forward').default
-    _BACKWARD_OPS[n] = getattr(torch.ops.mmboat, f'na{n}d_backward').default
 
 
 _FORWARD_OPS: Dict[int, Any] = {}  # n -> torch.ops.mmboat.na{n}d_forward.default
 _EAGER_FUSED: List[Any] = [None]  # mmboat._ext.na_fused once the fused ops are registered
-_BACKWARD_OPS: Dict[int, Any] = {}
-
-
-def _fused_backward(n: int, ctx, grad_out: Tensor) -> Tuple[Tensor, Tensor, Tensor,
-                                                             Optional[Tensor]]:
-    """dq, dk, dv, drpb of the fused op from the tensors and config saved in ``ctx``."""
-    query, key, value, rpb, out, lse = ctx.saved_tensors
-    return tuple(_BACKWARD_OPS[n](grad_out.contiguous(), query, key, value, rpb, out, lse,
-                                  *ctx.config))
 
 
 def _register_unfused() -> None:

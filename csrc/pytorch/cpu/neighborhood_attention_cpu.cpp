@@ -923,7 +923,7 @@ struct BackwardArgs {
 //  2. key by key, for each key row the piece reaches: dK += sum ds * q * scale and
 //     dV += sum p * dO over the piece's queries whose window holds the key. Window starts and
 //     ends grow with the query, so in each query row these queries are a contiguous run of
-//     the group (found by two pointers, the same in both rows), and the key's gradient rows
+//     the group (found by two pointers, the same in every row), and the key's gradient rows
 //     are read and written once per piece, for all its query rows together.
 template <class Ops, typename scalar_t>
 MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const BackwardArgs<scalar_t>& A,
