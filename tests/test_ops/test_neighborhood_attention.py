@@ -457,6 +457,15 @@ def test_compiled_op_errors():
     with pytest.raises(RuntimeError, match='logsumexp must be'):
         torch.ops.mmboat.na2d_backward(out, q, k, v, rpb, out, lse.double(), [3, 3], [1, 1],
                                        [False, False], 1.0)
+    # the eager entry (mmboat._ext.na_fused) gives the ops' own errors, and checks nd
+    from mmboat.ops.ext_loader import ext_module
+    fused = ext_module().na_fused
+    with pytest.raises(RuntimeError, match='nd must be 1, 2 or 3, got 4'):
+        fused(4, q, k, v, None, [3, 3], [1, 1], [False, False], 1.0)
+    with pytest.raises(RuntimeError, match='query and key must have the same shape'):
+        fused(2, q, k[:, :1], v, None, [3, 3], [1, 1], [False, False], 1.0)
+    with pytest.raises(RuntimeError, match='rpb must have shape'):
+        fused(2, q.requires_grad_(), k, v, rpb[:, :3], [3, 3], [1, 1], [False, False], 1.0)
 
 
 @needs_fused
