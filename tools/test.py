@@ -20,7 +20,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmboat.engine.runner_setup import (  # noqa: E402,F401  (re-exported for the tests)
     build_runner, load_config, parse_with_launcher_args, prepare_environment,
-    register_downstream, register_modules, setup_cpu_ddp)
+    register_downstream, register_modules, release_distributed, setup_cpu_ddp)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -84,7 +84,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         else:
             from mmengine.evaluator import DumpResults as Dump
         runner.test_evaluator.metrics.append(Dump(out_file_path=dump_file))
-    return runner.test()
+    metrics = runner.test()
+    release_distributed()
+    return metrics
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmboat.engine.runner_setup import (  # noqa: E402,F401  (re-exported for the tests)
     build_runner, load_config, parse_with_launcher_args, prepare_environment,
-    register_downstream, register_modules, setup_cpu_ddp)
+    register_downstream, register_modules, release_distributed, setup_cpu_ddp)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -69,6 +69,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         cfg.load_from = args.resume
     register_modules(cfg)
     build_runner(cfg).train()
+    release_distributed()
 
 
 if __name__ == '__main__':

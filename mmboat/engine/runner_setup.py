@@ -4,7 +4,7 @@ Both tools parse the same launcher flags, apply mmboat's stack fixes and a CPU t
 before anything imports mmdet/mmseg/mmpretrain, load a config with ``--cfg-options`` and the
 ``work_dir`` rule of the downstream tools, register the downstream library named by the config's
 ``default_scope`` plus mmboat's backbones, make mmengine's DDP wrapper work on CPU and build the
-runner.
+runner, and release the process group after a successful run.
 
 Importing this module is light: mmengine, torch and the downstream libraries are imported inside
 the functions that need them.
@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 __all__ = [
     'SCOPES', 'add_launcher_args', 'export_local_rank', 'prepare_environment', 'load_config',
     'register_downstream', 'setup_cpu_ddp', 'register_modules', 'build_runner',
-    'parse_with_launcher_args'
+    'parse_with_launcher_args', 'release_distributed'
 ]
 
 # Downstream package per config ``default_scope``.
@@ -153,6 +153,33 @@ def build_runner(cfg):
     if 'runner_type' not in cfg:
         return Runner.from_cfg(cfg)
     return RUNNERS.build(cfg)
+
+
+def release_distributed(settle: float = 0.2) -> None:
+    """End a distributed run cleanly: barrier, destroy the default process group, settle.
+
+    A gloo worker thread frees a finished collective's tensors only after the caller has moved
+    on, and freeing a tensor that Python created needs the GIL. When that happens after the
+    interpreter has begun to shut down, the thread is killed inside a C++ destructor and the
+    process aborts (``terminate called without an active exception``) after a good run, so
+    torchrun reports the job failed. The barrier's wait and a short sleep release the GIL to
+    let those threads finish first. ``destroy_process_group`` alone does not stop them while
+    the DDP wrapper still refers to the group. The tools call this after ``runner.train()`` /
+    ``runner.test()`` return; on an exception they leave the group alone, as a pending
+    collective could block the barrier.
+
+    Args:
+        settle (float): Seconds to sleep (GIL released) after the barrier. Defaults to 0.2.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    time.sleep(settle)
 
 
 def parse_with_launcher_args(parser: argparse.ArgumentParser,
