@@ -486,3 +486,11 @@ def test_benchmark_quick():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert '| problem |' in res.stdout and 'GEMM' in res.stdout
+    lines = [line for line in res.stdout.splitlines() if line.startswith('|')]
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
+    col = header.index('ops fwd+bwd ms (no autograd)')
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        if cells[1] == '-':  # no compiled op here
+            continue
+        assert float(cells[col]) > 0 and cells[col + 1].endswith('x'), line

@@ -8,7 +8,10 @@ Suites:
   forward+backward times (all of them, and a ``torch.mm`` GEMM, timed warm in alternating
   rounds, each timed call after at least ``--settle-ms`` of untimed ones) and, for the
   compiled op, their ratio, its GFLOP/s and its share of the GEMM rate measured in those
-  rounds.
+  rounds. The forward runs under ``no_grad``; forward+backward goes through autograd, and
+  an ``ops`` column times the registered forward and backward ops called directly (the
+  kernels without torch's autograd machinery, which costs tens of microseconds per
+  backward on a 2-core CPU).
 * ``fsla``: hook for the feature-space local attention benchmark; runs
   ``fsla_rows(args)`` from ``tools/analysis_tools/fsla_benchmark.py`` when that file exists
   (it returns ``(header, rows)``: a list of column names and a list of rows of strings).
@@ -92,6 +95,22 @@ def _forward_backward(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Te
     return run
 
 
+def _ops_forward_backward(p: NAProblem, inputs: Sequence[torch.Tensor],
+                          grad: torch.Tensor) -> Callable[[], None]:
+    """``mmboat::na2d_forward`` then ``mmboat::na2d_backward``, called directly."""
+    q, k, v, rpb = (t.detach() for t in inputs)
+    sizes, dils, causal = [p.kernel] * 2, [p.dilation] * 2, [False, False]
+    scale = p.dim**-0.5
+    fwd = torch.ops.mmboat.na2d_forward.default
+    bwd = torch.ops.mmboat.na2d_backward.default
+
+    def run():
+        out, lse = fwd(q, k, v, rpb, sizes, dils, causal, scale)
+        bwd(grad, q, k, v, rpb, out, lse, sizes, dils, causal, scale)
+
+    return run
+
+
 def _fmt(ms: Optional[float]) -> str:
     return '-' if ms is None else f'{ms:.3f}'
 
@@ -134,7 +153,8 @@ def na_rows(args: argparse.Namespace) -> Table:
     problems = QUICK_PROBLEMS if args.quick else (args.problems or DEFAULT_PROBLEMS)
     has_ext = neighborhood_attention_op_available('na2d_forward', device)
     header = [
-        'problem', 'NA ext fwd ms', 'NA ext fwd+bwd ms', 'fwd+bwd / fwd', 'NA ext GFLOP/s',
+        'problem', 'NA ext fwd ms', 'NA ext fwd+bwd ms', 'fwd+bwd / fwd',
+        'ops fwd+bwd ms (no autograd)', 'ops fwd+bwd / fwd', 'NA ext GFLOP/s',
         f'% of {args.dtype} GEMM GFLOP/s (torch.mm {args.gemm_size}^3, same rounds)',
         'NA ref fwd ms', 'NA ref fwd+bwd ms', 'dense SDPA fwd ms', 'dense SDPA fwd+bwd ms',
         'Swin 7x7 SDPA fwd ms', 'Swin 7x7 SDPA fwd+bwd ms'
@@ -181,14 +201,21 @@ def na_rows(args: argparse.Namespace) -> Table:
         for name, (fn, inp) in impls.items():
             fns[(name, 'fwd')] = forward(fn, inp)
             fns[(name, 'both')] = _forward_backward(fn, inp, grad)
+        if has_ext:
+            # The registered forward and backward ops called directly: the kernels' own
+            # fwd+bwd, without torch's autograd machinery (about 50 us per backward call
+            # on the 2-core CPU machine even for a one-op graph).
+            fns[('ops', 'both')] = _ops_forward_backward(p, inputs, grad)
         times = time_rounds(fns, reps, 2, lambda: _sync(device), rewarm=1,
                             settle=args.settle_ms * 1e-3)
         med = {key: statistics.median(t) * 1e3 for key, t in times.items()}
         ext, ref, dense, swin = ((med[(name, 'fwd')], med[(name, 'both')]) if name in impls else
                                  (None, None) for name in ('ext', 'ref', 'dense', 'swin'))
-        gflops = pct = ratio = '-'
+        gflops = pct = ratio = ops_ratio = '-'
+        ops = med.get(('ops', 'both'))
         if ext[0] is not None:
             ratio = f'{ext[1] / ext[0]:.2f}x'
+            ops_ratio = f'{ops / ext[0]:.2f}x'
             rate = p.flops() / (ext[0] * 1e-3) / 1e9
             gemm_rate = 2.0 * args.gemm_size**3 / (med[('gemm', 'fwd')] * 1e-3) / 1e9
             gflops = f'{rate:.1f}'
@@ -196,7 +223,8 @@ def na_rows(args: argparse.Namespace) -> Table:
         rows.append([
             p.label(),
             _fmt(ext[0]),
-            _fmt(ext[1]), ratio, gflops, pct,
+            _fmt(ext[1]), ratio,
+            _fmt(ops), ops_ratio, gflops, pct,
             _fmt(ref[0]),
             _fmt(ref[1]),
             _fmt(dense[0]),
