@@ -203,8 +203,7 @@ def na_rows(args: argparse.Namespace) -> Table:
             fns[(name, 'both')] = _forward_backward(fn, inp, grad)
         if has_ext:
             # The registered forward and backward ops called directly: the kernels' own
-            # fwd+bwd, without torch's autograd machinery (about 50 us per backward call
-            # on the 2-core CPU machine even for a one-op graph).
+            # fwd+bwd, without torch's autograd machinery around them.
             fns[('ops', 'both')] = _ops_forward_backward(p, inputs, grad)
         times = time_rounds(fns, reps, 2, lambda: _sync(device), rewarm=1,
                             settle=args.settle_ms * 1e-3)
