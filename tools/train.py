@@ -8,7 +8,6 @@ Flags mirror the downstream ``tools/train.py``::
 Multi-process (CPU gloo or GPU nccl): ``bash tools/dist_train.sh CONFIG NUM_PROCS [args]``.
 """
 import argparse
-import logging
 import os.path as osp
 import sys
 from typing import List, Optional
@@ -17,7 +16,7 @@ from typing import List, Optional
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmboat.engine.runner_setup import (  # noqa: E402,F401  (re-exported for the tests)
-    build_runner, load_config, parse_with_launcher_args, prepare_environment,
+    build_runner, configure_amp, load_config, parse_with_launcher_args, prepare_environment,
     register_downstream, register_modules, release_distributed, setup_cpu_ddp)
 
 
@@ -30,26 +29,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='resume from the given checkpoint, or with no value (or "auto") from the latest '
         'checkpoint in the work dir')
     parser.add_argument('--amp', action='store_true',
-                        help='enable automatic mixed precision training (CUDA)')
+                        help='enable automatic mixed precision training (float16 autocast on a '
+                        'GPU; without CUDA, bfloat16 autocast on the CPU after a warning)')
     return parse_with_launcher_args(parser, argv)
-
-
-def setup_amp(cfg) -> None:
-    """Switch the optimizer wrapper to ``AmpOptimWrapper`` (as the downstream tools do)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError('--amp needs a CUDA device (mmengine\'s AmpOptimWrapper is CUDA/NPU '
-                           'only); drop --amp to train on CPU in float32')
-    optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
-    if optim_wrapper == 'AmpOptimWrapper':
-        logging.getLogger('mmengine').warning('AMP training is already enabled in the config')
-        return
-    if optim_wrapper != 'OptimWrapper':
-        raise ValueError(f'--amp is only supported with optim_wrapper type OptimWrapper, got '
-                         f'{optim_wrapper!r}')
-    cfg.optim_wrapper.type = 'AmpOptimWrapper'
-    cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -57,8 +39,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     prepare_environment(args.launcher)
     cfg = load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
 
-    if args.amp:
-        setup_amp(cfg)
+    configure_amp(cfg, args.amp)
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None

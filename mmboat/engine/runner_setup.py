@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 __all__ = [
     'SCOPES', 'add_launcher_args', 'export_local_rank', 'prepare_environment', 'load_config',
     'register_downstream', 'setup_cpu_ddp', 'register_modules', 'build_runner',
-    'parse_with_launcher_args', 'release_distributed'
+    'parse_with_launcher_args', 'release_distributed', 'configure_amp'
 ]
 
 # Downstream package per config ``default_scope``.
@@ -143,6 +143,49 @@ def register_modules(cfg) -> str:
     scope = register_downstream(cfg)
     import mmboat.models  # noqa: F401  (registers mmboat's backbones)
     return scope
+
+
+def configure_amp(cfg, enable: bool = False) -> None:
+    """Settle the config's mixed precision for this machine.
+
+    ``enable`` (``--amp``) switches a plain ``OptimWrapper`` to ``AmpOptimWrapper``, as the
+    downstream tools do. Without a CUDA device an ``AmpOptimWrapper`` (from the config or from
+    ``--amp``) would stop at mmengine's "only available training on gpu" assertion; it becomes
+    :class:`mmboat.engine.optim_wrappers.CPUAmpOptimWrapper` (CPU bfloat16 autocast) instead,
+    after one warning that says how to train in float32.
+
+    Args:
+        cfg (mmengine.config.Config): The training config (changed in place).
+        enable (bool): The ``--amp`` flag. Defaults to False.
+    """
+    import logging
+
+    import torch
+    from mmengine.logging import print_log
+
+    optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if enable:
+        if optim_wrapper == 'AmpOptimWrapper':
+            print_log('AMP training is already enabled in the config', logger='current',
+                      level=logging.WARNING)
+        elif optim_wrapper != 'OptimWrapper':
+            raise ValueError('--amp is only supported with optim_wrapper type OptimWrapper, got '
+                             f'{optim_wrapper!r}')
+        else:
+            cfg.optim_wrapper.type = optim_wrapper = 'AmpOptimWrapper'
+            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if optim_wrapper != 'AmpOptimWrapper' or torch.cuda.is_available():
+        return
+    import mmboat.engine.optim_wrappers  # noqa: F401  (registers mmboat.CPUAmpOptimWrapper)
+
+    cfg.optim_wrapper.type = 'mmboat.CPUAmpOptimWrapper'
+    print_log(
+        'mixed precision: this config trains with AmpOptimWrapper (float16 autocast), which '
+        'mmengine supports on GPUs only, and no CUDA device is available. Training on the CPU '
+        'with bfloat16 autocast instead (mmboat.CPUAmpOptimWrapper: float32 weights and '
+        'optimizer state, no loss scaling). For float32 training pass '
+        '--cfg-options optim_wrapper.type=OptimWrapper.', logger='current',
+        level=logging.WARNING)
 
 
 def build_runner(cfg):

@@ -18,6 +18,7 @@ import torch
 
 _IMPLS = ('auto', 'ext', 'reference')
 _state: Dict[str, object] = {'loaded': None, 'error': None, 'module': None, 'warned': False}
+_warned_missing_kernel = set()  # (op name, device type, dtype) already warned about
 
 
 def _load() -> bool:
@@ -106,4 +107,23 @@ def use_ext(impl: Optional[str], what: str) -> bool:
         raise RuntimeError(f'{what}: impl="ext" was requested but mmboat._ext is not available '
                            f'({ext_error()})')
     warn_fallback(what)
+    return False
+
+
+def missing_kernel(impl: Optional[str], what: str, op_name: str, device: torch.device,
+                   dtype: torch.dtype) -> bool:
+    """The extension loaded but has no kernel of ``mmboat::<op_name>`` for this device and dtype
+    (e.g. a CPU-only build given CUDA tensors): raise for ``impl='ext'``, else warn once per
+    (op, device type, dtype) that the pure-PyTorch reference runs instead. Returns False (the
+    call does not run the compiled op)."""
+    msg = (f'{what}: mmboat._ext has no {device.type.upper()} kernel for mmboat::{op_name} '
+           f'with {dtype}; ')
+    if requested_impl(impl) == 'ext':
+        raise RuntimeError(msg + 'rebuild mmboat._ext with it or use impl="reference"')
+    if (op_name, device.type, dtype) not in _warned_missing_kernel:
+        _warned_missing_kernel.add((op_name, device.type, dtype))
+        warnings.warn(msg + 'falling back to the pure-PyTorch reference (correct, slower; '
+                      'it runs on the same device). Build mmboat._ext for this device '
+                      '(`pip install --no-build-isolation -e .` on a machine with its toolkit) '
+                      'to get the compiled kernels.', RuntimeWarning, stacklevel=4)
     return False

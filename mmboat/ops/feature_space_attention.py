@@ -7,7 +7,9 @@ with the sibling cluster (:func:`clustered_attention`). Both run on the compiled
 ``torch.ops.mmboat.bhc_cluster`` / ``clustered_attention_forward`` /
 ``clustered_attention_backward`` when available, else on the pure-PyTorch references in
 :mod:`mmboat.ops.feature_space_attention_reference`; the compiled ops have fake kernels and an
-autograd formula registered here, so they work under ``torch.compile``.
+autograd formula registered here, so they work under ``torch.compile``. Under
+``torch.autocast`` the clustering computes in float32 as always and the clustered attention
+casts its inputs to float32 (:mod:`mmboat.ops.autocast`).
 
 Shapes: ``B`` batch, ``heads``, ``N`` tokens in raster order, ``d`` channels per head.
 """
@@ -16,7 +18,8 @@ from typing import Dict, Optional, Sequence, Set, Tuple
 
 import torch
 
-from .ext_loader import has_ext, requested_impl, use_ext
+from .autocast import call_with_policy, register_autocast_kernels
+from .ext_loader import has_ext, missing_kernel, use_ext
 from .feature_space_attention_reference import (balanced_hierarchical_clustering_reference,
                                                 cluster_layout, clustered_attention_reference)
 
@@ -24,6 +27,10 @@ __all__ = [
     'cluster_layout', 'balanced_hierarchical_clustering', 'clustered_attention',
     'feature_space_local_attention'
 ]
+
+# Autocast policy family of clustered_attention (mmboat/ops/autocast.py): float32 under autocast
+# (the clustering, family 'clustering', is float32 too).
+_FAMILY = 'clustered_attention'
 
 # dtypes the compiled attention kernels take per device (CUDA has no float64 kernels).
 _ATTENTION_DTYPES = {
@@ -69,11 +76,7 @@ def _pick_compiled(impl: Optional[str], what: str, op_name: str, tensor: torch.T
     if _has_kernel(op_name, tensor.device) and (
             dtypes is None or tensor.dtype in dtypes.get(tensor.device.type, ())):
         return True
-    if requested_impl(impl) == 'ext':
-        raise RuntimeError(f'{what}: impl="ext" was requested but the compiled op '
-                           f'mmboat::{op_name} has no kernel for {tensor.device.type} tensors '
-                           f'of dtype {tensor.dtype}')
-    return False
+    return missing_kernel(impl, what, op_name, tensor.device, tensor.dtype)
 
 
 def _check_int(name: str, value: int, low: int) -> None:
@@ -128,6 +131,12 @@ def balanced_hierarchical_clustering(x: torch.Tensor,
         >>> bool((perm.gather(-1, inv_perm) == torch.arange(100)).all())
         True
     """
+    return call_with_policy('clustering', _balanced_hierarchical_clustering, x, cluster_size,
+                            iters, tau, impl)
+
+
+def _balanced_hierarchical_clustering(x: torch.Tensor, cluster_size: int, iters: int, tau: float,
+                                      impl: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_features('x', x)
     _check_int('cluster_size', cluster_size, 1)
     _check_int('iters', iters, 0)
@@ -201,6 +210,13 @@ def clustered_attention(query: torch.Tensor,
         >>> clustered_attention(q, k, v, perm, cluster_size=49, overlap=20).shape
         torch.Size([1, 2, 100, 8])
     """
+    return call_with_policy(_FAMILY, _clustered_attention, query, key, value, perm,
+                            cluster_size, overlap, scale, impl)
+
+
+def _clustered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         perm: torch.Tensor, cluster_size: int, overlap: int,
+                         scale: Optional[float], impl: Optional[str]) -> torch.Tensor:
     _check_attention_inputs(query, key, value, perm, cluster_size, overlap)
     scale = query.shape[-1]**-0.5 if scale is None else float(scale)
     if _pick_compiled(impl, 'clustered_attention', 'clustered_attention_forward', query,
@@ -253,6 +269,8 @@ def _register_compiled_ops() -> None:
             return (x.new_empty(shape, dtype=torch.int64), x.new_empty(shape,
                                                                        dtype=torch.int64))
 
+        register_autocast_kernels('clustering', ['bhc_cluster'])
+
     if _compiled_op('clustered_attention_forward') is None or _compiled_op(
             'clustered_attention_backward') is None:
         return
@@ -283,6 +301,7 @@ def _register_compiled_ops() -> None:
 
     torch.library.register_autograd(
         'mmboat::clustered_attention_forward', _backward, setup_context=_setup_context)
+    register_autocast_kernels(_FAMILY, ['clustered_attention_forward'])
 
 
 _register_compiled_ops()

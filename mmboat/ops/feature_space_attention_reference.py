@@ -85,6 +85,13 @@ def _segment_ids(sizes: Tuple[int, ...], device: torch.device) -> Tuple[torch.Te
     return group.to(device), (2 * group + part).to(device)
 
 
+def _part_counts(sizes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Tokens in each child (``2 * group + part``) of a level, at least 1 (static: no
+    ``bincount`` of device data, so the reference runs on any device, meta included)."""
+    counts = [c for n in sizes for c in (n // 2, n - n // 2)]
+    return torch.tensor(counts, dtype=torch.long).clamp_min(1).to(device)
+
+
 def _cosines(xn: torch.Tensor, centroids: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """``cos(q_t, c_j)`` for both centroids of each token's group: ``[G, N, 2]``."""
     return torch.einsum('gnd,gnkd->gnk', xn, centroids[:, group])
@@ -120,7 +127,7 @@ def balanced_hierarchical_clustering_reference(x: torch.Tensor,
             xs = feats.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
             xn = F.normalize(xs, dim=-1, eps=NORM_EPS)
             # Initial centroids: means of the two rank parts (empty part -> zero centroid).
-            counts = torch.bincount(child, minlength=2 * num_groups).clamp_min(1)
+            counts = _part_counts(sizes, x.device)
             sums = xs.new_zeros(rows, 2 * num_groups, dim).index_add_(1, child, xs)
             centroids = F.normalize(
                 (sums / counts.to(xs.dtype).unsqueeze(-1)).view(rows, num_groups, 2, dim),

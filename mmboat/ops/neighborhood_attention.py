@@ -10,6 +10,10 @@ references of
 :mod:`mmboat.ops.neighborhood_attention_reference` when the compiled op is missing for the
 input's device, or when ``impl='reference'``.
 
+Under ``torch.autocast`` the inputs and the bias are cast to the autocast dtype and the ops
+accumulate in float32 (:mod:`mmboat.ops.autocast`, on every path: these functions, the
+reference and the compiled ops' Autocast dispatcher kernels).
+
 Semantics (``spec/neighborhood_attention.md``): per axis, the window of ``k`` keys lies in the
 query's dilation group and is shifted inwards at the borders; ``L >= k * d`` is required; the
 relative positional bias (rpb) index is ``(key' - query') + (k - 1)`` and the bias is added
@@ -22,7 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .ext_loader import ext_module, has_ext, requested_impl, use_ext
+from .autocast import call_with_policy, register_autocast_kernels
+from .ext_loader import ext_module, has_ext, missing_kernel, use_ext
 from .neighborhood_attention_reference import (na2d_av_reference, na2d_qk_reference,
                                                nand_reference)
 
@@ -31,8 +36,10 @@ __all__ = ['na1d', 'na2d', 'na3d', 'na2d_qk', 'na2d_av', 'neighborhood_attention
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
 
+# Autocast policy family of these ops (mmboat/ops/autocast.py): inputs and rpb in the autocast
+# dtype, float32 accumulation and log-sum-exp.
+_FAMILY = 'neighborhood_attention'
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_warned_missing_op = set()
 _REGISTERED: List[str] = []  # op families with fake + autograd registered
 
 
@@ -79,15 +86,7 @@ def _use_compiled(impl: Optional[str], name: str, what: str, device: torch.devic
         return False
     if _op_has_kernel(name, device) and dtype in _KERNEL_DTYPES.get(device.type, ()):
         return True
-    msg = (f'{what}: mmboat._ext has no {device.type.upper()} kernel for mmboat::{name} '
-           f'with {dtype}; ')
-    if requested_impl(impl) == 'ext':
-        raise RuntimeError(msg + 'rebuild mmboat._ext with it or use impl="reference"')
-    if (name, device.type, dtype) not in _warned_missing_op:
-        _warned_missing_op.add((name, device.type, dtype))
-        warnings.warn(msg + 'falling back to the pure-PyTorch reference (slower).',
-                      RuntimeWarning, stacklevel=3)
-    return False
+    return missing_kernel(impl, what, name, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +219,8 @@ def na1d(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor] = None
     Returns:
         Tensor: ``[B, heads, L, D]``.
     """
-    return _nand(1, query, key, value, rpb, kernel_size, dilation, is_causal, scale, impl)
+    return call_with_policy(_FAMILY, _nand, 1, query, key, value, rpb, kernel_size, dilation,
+                            is_causal, scale, impl)
 
 
 def na2d(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor] = None,
@@ -249,7 +249,8 @@ def na2d(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor] = None
         >>> na2d(q, k, v, kernel_size=3, dilation=2).shape
         torch.Size([1, 2, 9, 9, 16])
     """
-    return _nand(2, query, key, value, rpb, kernel_size, dilation, is_causal, scale, impl)
+    return call_with_policy(_FAMILY, _nand, 2, query, key, value, rpb, kernel_size, dilation,
+                            is_causal, scale, impl)
 
 
 def na3d(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor] = None,
@@ -267,7 +268,8 @@ def na3d(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor] = None
     Returns:
         Tensor: ``[B, heads, T, H, W, D]``.
     """
-    return _nand(3, query, key, value, rpb, kernel_size, dilation, is_causal, scale, impl)
+    return call_with_policy(_FAMILY, _nand, 3, query, key, value, rpb, kernel_size, dilation,
+                            is_causal, scale, impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +290,12 @@ def na2d_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor] = None,
         Tensor: ``[B, heads, H, W, kH*kW]`` logits, slot ``ki*kW + kj``; unused causal slots
         are ``-inf`` (valid keys first).
     """
+    return call_with_policy(_FAMILY, _na2d_qk, query, key, rpb, kernel_size, dilation,
+                            is_causal, impl)
+
+
+def _na2d_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor], kernel_size, dilation,
+             is_causal, impl: Optional[str]) -> Tensor:
     what = 'na2d_qk'
     _check_qkv(what, 2, [('query', query), ('key', key)])
     _check_same_shape(what, ('query', query), ('key', key))
@@ -315,6 +323,12 @@ def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple = 7,
     Returns:
         Tensor: ``[B, heads, H, W, D]``.
     """
+    return call_with_policy(_FAMILY, _na2d_av, attn, value, kernel_size, dilation, is_causal,
+                            impl)
+
+
+def _na2d_av(attn: Tensor, value: Tensor, kernel_size, dilation, is_causal,
+             impl: Optional[str]) -> Tensor:
     what = 'na2d_av'
     _check_qkv(what, 2, [('value', value)])
     _check_tensor(attn, 'attn', what)
@@ -438,6 +452,10 @@ def _register_all() -> List[str]:
     if all(hasattr(torch.ops.mmboat, name) for name in names):
         _register_unfused()
         registered.append('na2d_qk/av')
+    forward_ops = [f'{family}_forward' for family in registered if family.endswith('d')]
+    if 'na2d_qk/av' in registered:
+        forward_ops += ['na2d_qk', 'na2d_av']
+    register_autocast_kernels(_FAMILY, forward_ops)
     return registered
 
 

@@ -120,6 +120,15 @@ def _as_tuple(value, n: int, name: str) -> tuple:
     return (value, ) * n
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _upcast(*tensors: Optional[Tensor]) -> tuple:
+    """float16/bfloat16 tensors as float32 (the kernels' accumulation dtype); others as they are."""
+    return tuple(t.float() if t is not None and t.dtype in _LOW_PRECISION else t
+                 for t in tensors)
+
+
 def nand_qk_reference(query: Tensor, key: Tensor, rpb: Optional[Tensor], kernel_size,
                       dilation=1, is_causal=False) -> Tensor:
     """Unfused N-D logits ``q . k + rpb`` (q not scaled here): ``[B, heads, *spatial, K]``.
@@ -133,14 +142,16 @@ def nand_qk_reference(query: Tensor, key: Tensor, rpb: Optional[Tensor], kernel_
     cs = _as_tuple(is_causal, n, 'is_causal')
     keys, bias_idx, valid = neighborhood_index(spatial, ks, ds, cs, query.device)
     b, h = query.shape[:2]
+    out_dtype = query.dtype
+    query, key, rpb = _upcast(query, key, rpb)
     q = query.reshape(b, h, -1, query.shape[-1])
     k_nb = _gather_neighbors(key.reshape(b, h, -1, key.shape[-1]), keys)
     attn = torch.einsum('bhnd,bhnkd->bhnk', q, k_nb)
     if rpb is not None:
         attn = attn + _bias(rpb, bias_idx, spatial).to(attn.dtype)
-    if not bool(valid.all()):
+    if any(cs):  # only causal windows have unused slots (no host sync on valid)
         attn = attn.masked_fill(~valid, float('-inf'))
-    return attn.reshape(b, h, *spatial, keys.shape[1])
+    return attn.reshape(b, h, *spatial, keys.shape[1]).to(out_dtype)
 
 
 def nand_av_reference(attn: Tensor, value: Tensor, kernel_size, dilation=1,
@@ -156,12 +167,14 @@ def nand_av_reference(attn: Tensor, value: Tensor, kernel_size, dilation=1,
     cs = _as_tuple(is_causal, n, 'is_causal')
     keys, _, valid = neighborhood_index(spatial, ks, ds, cs, value.device)
     b, h = value.shape[:2]
+    out_dtype = value.dtype
+    attn, value = _upcast(attn, value)
     a = attn.reshape(b, h, -1, keys.shape[1])
-    if not bool(valid.all()):
+    if any(cs):
         a = a.masked_fill(~valid, 0)
     v_nb = _gather_neighbors(value.reshape(b, h, -1, value.shape[-1]), keys)
     out = torch.einsum('bhnk,bhnkd->bhnd', a, v_nb)
-    return out.reshape(b, h, *spatial, value.shape[-1])
+    return out.reshape(b, h, *spatial, value.shape[-1]).to(out_dtype)
 
 
 def nand_reference(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor] = None,
@@ -170,13 +183,16 @@ def nand_reference(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tens
     """Fused N-D neighborhood attention (reference). See :func:`na2d_reference`.
 
     With ``return_lse`` also returns the float32 log-sum-exp ``[B, heads, *spatial]`` of the
-    scaled and biased logits.
+    scaled and biased logits. float16/bfloat16 inputs are computed in float32 (as the kernels
+    accumulate) and the output is rounded to the query's dtype once.
     """
     if scale is None:
         scale = query.shape[-1]**-0.5
+    out_dtype = query.dtype
+    query, key, value, rpb = _upcast(query, key, value, rpb)
     logits = nand_qk_reference(query * scale, key, rpb, kernel_size, dilation, is_causal)
     attn = logits.softmax(dim=-1)
-    out = nand_av_reference(attn, value, kernel_size, dilation, is_causal)
+    out = nand_av_reference(attn, value, kernel_size, dilation, is_causal).to(out_dtype)
     if return_lse:
         return out, torch.logsumexp(logits.float(), dim=-1)
     return out

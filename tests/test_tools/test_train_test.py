@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from tool_helpers import DET_CONFIG, SEG_CONFIG, load_tool, synthetic, tiny_seg_options
+from tool_helpers import (DET_CONFIG, ROOT, SEG_CONFIG, load_tool, run_script, synthetic,
+                          tiny_seg_options)
 
 train_tool = load_tool('train.py')
 test_tool = load_tool('test.py')
@@ -90,10 +91,93 @@ def test_bad_input_messages(seg_root, tmp_path):
     with pytest.raises(ValueError, match='default_scope'):
         train_tool.main([SEG_CONFIG, '--work-dir', str(tmp_path), '--cfg-options'] + opts +
                         ['default_scope=mmboat'])
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match='--amp needs a CUDA device'):
-            train_tool.main([SEG_CONFIG, '--work-dir', str(tmp_path), '--amp',
-                             '--cfg-options'] + opts)
+
+
+AMP_SEG_CONFIG = osp.join(ROOT, 'configs', 'nat', 'nat-mini_upernet_8xb2-amp-160k_ade20k-512x512.py')
+CPU_AMP_WARNING = 'no CUDA device is available. Training on the CPU with bfloat16 autocast'
+
+
+def _tiny_amp_config(path, data_root: str) -> str:
+    """The packaged NAT-Mini UperNet AMP config (mmseg's ADE20K pipeline and AmpOptimWrapper)
+    shrunk to a tiny NAT, 64x64 crops of the synthetic ADE20K-layout set and 2 iterations."""
+    path.write_text(f"""_base_ = [{AMP_SEG_CONFIG!r}]
+pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs'),
+]
+model = dict(
+    data_preprocessor=dict(size=(64, 64)),
+    backbone=dict(arch=dict(_delete_=True, embed_dims=16, depths=[1, 1, 1, 1],
+                            num_heads=[1, 2, 2, 4], mlp_ratio=2.0),
+                  drop_path_rate=0.0, init_cfg=None),
+    decode_head=dict(in_channels=[16, 32, 64, 128], channels=16, pool_scales=(1, 2)),
+    auxiliary_head=dict(in_channels=64, channels=16))
+loader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+              dataset=dict(data_root={data_root!r}, pipeline=pipeline))
+train_dataloader = loader
+val_dataloader = dict(loader, batch_size=1)
+test_dataloader = val_dataloader
+train_cfg = dict(max_iters=2, val_interval=2)
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))
+""")
+    return str(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='tests the CPU replacement of AMP')
+def test_amp_config_trains_on_cpu_with_bfloat16(seg_root, tmp_path):
+    """As a user types it: a packaged AMP config through tools/train.py on a CPU machine."""
+    config = _tiny_amp_config(tmp_path / 'amp_tiny.py', seg_root)
+    work_dir = tmp_path / 'work'
+    run = run_script([osp.join(ROOT, 'tools', 'train.py'), config, '--work-dir', str(work_dir)],
+                     timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert run.stdout.count(CPU_AMP_WARNING) == 1, run.stdout[-4000:]
+    assert 'AmpOptimWrapper is only available' not in run.stdout
+    assert _trained_iters(str(work_dir)) == [1, 2]
+    dumped = open(work_dir / 'amp_tiny.py').read()
+    assert "type='mmboat.CPUAmpOptimWrapper'" in dumped
+    losses = [json.loads(line)['loss'] for line in open(glob.glob(
+        osp.join(str(work_dir), '*', 'vis_data', 'scalars.json'))[0]) if '"loss"' in line]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert osp.isfile(work_dir / 'iter_2.pth')
+
+
+def test_configure_amp_rules(tmp_path):
+    from mmengine.config import Config
+
+    cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper', optimizer=dict(type='SGD'))))
+    train_tool.configure_amp(cfg, enable=False)
+    assert cfg.optim_wrapper.type == 'OptimWrapper'
+    train_tool.configure_amp(cfg, enable=True)
+    expected = 'AmpOptimWrapper' if torch.cuda.is_available() else 'mmboat.CPUAmpOptimWrapper'
+    assert cfg.optim_wrapper.type == expected and cfg.optim_wrapper.loss_scale == 'dynamic'
+    cfg = Config(dict(optim_wrapper=dict(type='mmpretrain.SomeWrapper')))
+    with pytest.raises(ValueError, match='--amp is only supported with optim_wrapper type'):
+        train_tool.configure_amp(cfg, enable=True)
+
+
+def test_cpu_amp_optim_wrapper():
+    from mmboat.engine.optim_wrappers import CPUAmpOptimWrapper
+    from mmboat.registry import OPTIM_WRAPPERS
+
+    model = torch.nn.Linear(4, 2)
+    wrapper = OPTIM_WRAPPERS.build(dict(type='CPUAmpOptimWrapper', loss_scale=512.,
+                                        dtype='float16',
+                                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
+    assert isinstance(wrapper, CPUAmpOptimWrapper)
+    with wrapper.optim_context(model):
+        assert torch.is_autocast_enabled('cpu')
+        assert torch.get_autocast_dtype('cpu') == torch.bfloat16
+        loss = model(torch.randn(3, 4)).float().sum()
+    wrapper.update_params(loss)
+    assert model.weight.dtype == torch.float32 and not torch.is_autocast_enabled('cpu')
+    # A GPU AMP checkpoint's optimizer state (with the GradScaler's entry) resumes on the CPU.
+    state = wrapper.state_dict()
+    state['loss_scaler'] = {'scale': 512.}
+    wrapper.load_state_dict(state)
+    with pytest.raises(ValueError, match='CPU autocast runs in bfloat16'):
+        CPUAmpOptimWrapper(dtype='float64', optimizer=torch.optim.SGD(model.parameters(), lr=1))
 
 
 def test_cpu_ddp_wrapper_config():
