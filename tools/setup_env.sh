@@ -88,5 +88,8 @@ fi
 log "installing mmboat (editable) and its pinned dependencies"
 pip_q install -q --no-build-isolation --find-links "$WHEELS" -e "$ROOT[tests]"
 
+# The start-up hook that applies the torchvision fix before any `import torchvision`
+# (mmboat/_startup.py), so downstream entry points work with no extra call.
+python -m mmboat._startup
 python -m mmboat.utils.collect_env --short
 log "done: activate with '. $VENV/bin/activate'"

@@ -2,10 +2,12 @@
 
 Each fix is idempotent, narrowly targeted, and documented here (and in README "Known stack
 issues"). :func:`apply_stack_fixes` applies all of them; mmboat's tools and test-suite call it
-before importing mmdet/mmseg/mmpretrain models. Users who import ``mmboat.models`` (e.g. through a
-config's ``custom_imports``) get the torchvision and checkpoint fixes automatically, but for the
-torchvision one that may be too late: call ``mmboat.utils.apply_stack_fixes()`` first, or use
-mmboat's ``tools/train.py``.
+before importing mmdet/mmseg/mmpretrain models. Outside mmboat's tools, with no extra call:
+
+* fix 1 must run before torchvision is first imported: ``tools/setup_env.sh`` installs a
+  ``.pth`` start-up hook (:mod:`mmboat._startup`; ``python -m mmboat._startup`` installs it in
+  another environment) that applies it right before that import;
+* fix 2 runs when ``mmboat.models`` is imported (what configs' ``custom_imports`` do).
 
 1. **torchvision on a CPU-only torch** (:func:`fix_torchvision_import`). The reachable
    torchvision 0.28 wheels are CUDA builds; their ``_C`` extension cannot load next to a CPU torch,

@@ -1,0 +1,156 @@
+"""OpenMMLab's own entry points with mmboat, each in a fresh interpreter as a user types it, with
+no extra call: the downstream imports, ``get_model``, the downstream packages' own
+``tools/train.py`` / ``tools/test.py`` and their inferencers on checkpoints saved by mmboat's
+``tools/train.py`` (the start-up hook installed by ``tools/setup_env.sh`` and the allow-list
+applied by ``import mmboat.models``, see mmboat/_startup.py and mmboat/utils/compat.py)."""
+import importlib.util
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+from tool_helpers import DET_CONFIG, ROOT, SEG_CONFIG, TOOLS, synthetic, tiny_seg_options
+
+from mmboat._startup import PTH_NAME
+
+
+def _fresh(code: str, cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter of this environment, outside the repository,
+    with no PYTHONPATH: only what the environment itself holds."""
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env.setdefault('MMBOAT_NUM_THREADS', '1')
+    return subprocess.run([sys.executable, '-c', code], cwd=cwd, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+
+
+def _script(argv, cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env.setdefault('MMBOAT_NUM_THREADS', '1')
+    return subprocess.run([sys.executable] + argv, cwd=cwd, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+
+
+def _downstream_tool(package: str, tool: str) -> str:
+    root = importlib.util.find_spec(package).submodule_search_locations[0]
+    return osp.join(root, '.mim', 'tools', tool)
+
+
+def test_startup_hook_is_installed():
+    import site
+
+    found = [d for d in site.getsitepackages() if osp.isfile(osp.join(d, PTH_NAME))]
+    assert found, (f'{PTH_NAME} is missing from site-packages: run tools/setup_env.sh or '
+                   '`python -m mmboat._startup`')
+
+
+def test_downstream_imports_in_a_fresh_interpreter(tmp_path):
+    run = _fresh('import mmdet.models, mmseg.apis, mmpretrain.apis, torchvision; '
+                 'import sys; print("torch" in sys.modules)', cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:]
+    # Before torchvision, the hook imports nothing heavy at interpreter start.
+    run = _fresh('import sys; print("torch" in sys.modules)', cwd=str(tmp_path))
+    assert run.stdout.strip() == 'False', run.stdout
+
+
+def test_get_model_from_a_packaged_config(tmp_path):
+    config = osp.join(ROOT, 'configs', 'nat', 'nat-mini_8xb128_in1k.py')
+    run = _fresh('from mmpretrain.apis import get_model\n'
+                 f'model = get_model({config!r})\n'
+                 'print(type(model.backbone).__name__, model.backbone.embed_dims)',
+                 cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == 'NAT 64'
+
+
+@pytest.fixture(scope='module')
+def seg_checkpoint(tmp_path_factory):
+    """A tiny UperNet-NAT trained 2 iterations by mmboat's tools/train.py (its checkpoint holds
+    mmengine's message hub, which weights-only loading must accept)."""
+    root = tmp_path_factory.mktemp('entry_seg')
+    data = str(root / 'data')
+    synthetic().make_seg_dataset(data, num_train=4, num_val=2, size=64, seed=3)
+    work_dir = str(root / 'work')
+    run = _script([osp.join(TOOLS, 'train.py'), SEG_CONFIG, '--work-dir', work_dir,
+                   '--cfg-options'] + tiny_seg_options(data), cwd=str(root))
+    assert run.returncode == 0, run.stdout[-3000:]
+    config = osp.join(work_dir, osp.basename(SEG_CONFIG))  # the dumped, merged config
+    return config, osp.join(work_dir, 'iter_2.pth'), data
+
+
+@pytest.mark.slow
+def test_mmseg_own_tools_and_inferencer(seg_checkpoint, tmp_path):
+    config, ckpt, data = seg_checkpoint
+    run = _script([_downstream_tool('mmseg', 'test.py'), config, ckpt, '--work-dir',
+                   str(tmp_path / 'test')], cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert 'mIoU' in run.stdout
+    run = _script([_downstream_tool('mmseg', 'train.py'), config, '--work-dir',
+                   str(tmp_path / 'train')], cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert osp.isfile(tmp_path / 'train' / 'iter_2.pth')
+    image = sorted(os.listdir(osp.join(data, 'images', 'validation')))[0]
+    image = osp.join(data, 'images', 'validation', image)
+    run = _fresh('from mmseg.apis import MMSegInferencer\n'
+                 f'inferencer = MMSegInferencer(model={config!r}, weights={ckpt!r}, '
+                 'device="cpu")\n'
+                 f'result = inferencer({image!r}, return_datasamples=True)\n'
+                 'print("RESULT", tuple(result.pred_sem_seg.data.shape))', cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert 'RESULT (1, 64, 64)' in run.stdout, run.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_mmpretrain_own_tools_and_inferencer(tmp_path):
+    from test_train_test_cls import CLASSES, CONFIG, _make_folder_dataset
+
+    data = str(tmp_path / 'data')
+    _make_folder_dataset(data, num_train=4, num_val=3)
+    config = str(tmp_path / 'nat-slim_cls.py')
+    with open(config, 'w') as f:
+        f.write(CONFIG.format(data_root=data, num_classes=len(CLASSES), classes=CLASSES))
+    work_dir = str(tmp_path / 'work')
+    run = _script([osp.join(TOOLS, 'train.py'), config, '--work-dir', work_dir],
+                  cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:]
+    ckpt = osp.join(work_dir, 'iter_2.pth')
+    run = _script([_downstream_tool('mmpretrain', 'train.py'), config, '--work-dir',
+                   str(tmp_path / 'own')], cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:]
+    image = osp.join(data, 'val', CLASSES[0], '000.png')
+    run = _fresh('from mmpretrain.apis import ImageClassificationInferencer\n'
+                 f'inferencer = ImageClassificationInferencer({config!r}, '
+                 f'pretrained={ckpt!r}, device="cpu")\n'
+                 f'print("RESULT", inferencer({image!r})[0]["pred_class"] in {CLASSES!r})',
+                 cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert 'RESULT True' in run.stdout, run.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_mmdet_own_train_tool_and_inferencer(tmp_path):
+    data = str(tmp_path / 'synthdet') + '/'
+    synthetic().make_det_dataset(data, num_train=4, num_val=2, size=64, seed=2)
+    ann = data + 'annotations/instances_val.json'
+    opts = [f'{loader}.dataset.data_root={data}'
+            for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
+    opts += [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}',
+             'model.backbone.arch.embed_dims=16', 'model.backbone.arch.depths=[1,1,1,1]',
+             'model.backbone.arch.num_heads=[1,2,2,4]', 'model.neck.in_channels=[32,64,128]',
+             'train_dataloader.batch_size=2', 'train_cfg.max_iters=2', 'train_cfg.val_interval=2',
+             'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1']
+    work_dir = str(tmp_path / 'work')
+    run = _script([_downstream_tool('mmdet', 'train.py'), DET_CONFIG, '--work-dir', work_dir,
+                   '--cfg-options'] + opts, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:]
+    config = osp.join(work_dir, osp.basename(DET_CONFIG))
+    ckpt = osp.join(work_dir, 'iter_2.pth')
+    image = osp.join(data, 'images', 'val', sorted(os.listdir(osp.join(data, 'images',
+                                                                          'val')))[0])
+    run = _fresh('from mmdet.apis import DetInferencer\n'
+                 f'inferencer = DetInferencer(model={config!r}, weights={ckpt!r}, '
+                 'device="cpu")\n'
+                 f'result = inferencer({image!r}, return_datasamples=True)\n'
+                 'print("RESULT", type(result["predictions"][0]).__name__)', cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert 'RESULT DetDataSample' in run.stdout, run.stdout[-3000:]
