@@ -52,8 +52,11 @@ def _fix_torchvision() -> None:
 
 
 def install() -> None:
-    """Install the finder (idempotent; nothing to do when torchvision is already imported)."""
-    if 'torchvision' in sys.modules:
+    """Install the finder (idempotent; nothing to do when torchvision is already imported, or
+    with ``MMBOAT_STARTUP_HOOK=0`` in the environment)."""
+    import os
+
+    if 'torchvision' in sys.modules or os.environ.get('MMBOAT_STARTUP_HOOK', '1') == '0':
         return
     if any(isinstance(f, _BeforeImport) for f in sys.meta_path):
         return

@@ -17,9 +17,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    'load_official_checkpoint', 'extract_state_dict', 'plain_tensors', 'stage_block_layout',
+    'CSWIN_STEM_RENAMES', 'SWIN_DERIVED_BUFFERS', 'load_official_checkpoint', 'extract_state_dict', 'plain_tensors', 'stage_block_layout',
     'save_converted', 'add_common_args'
 ]
+
+# Renames shared by the converters and the in-memory reading of official checkpoints
+# (mmboat/models/utils/pretrained.py); every other released name is kept.
+# BOAT-CSWin's stem is a Sequential in the release (conv, -, LayerNorm); mmboat names its parts.
+CSWIN_STEM_RENAMES = {'stage1_conv_embed.0.': 'stage1_conv_embed.conv.',
+                      'stage1_conv_embed.2.': 'stage1_conv_embed.norm.'}
+# Buffers that Swin derives from the window size and input size; mmboat computes them.
+SWIN_DERIVED_BUFFERS = ('relative_position_index', 'attn_mask')
 
 
 def load_official_checkpoint(path: str, trust_checkpoint: bool = False) -> dict:
@@ -38,7 +46,13 @@ def load_official_checkpoint(path: str, trust_checkpoint: bool = False) -> dict:
             off; the message names the ``--trust-checkpoint`` flag.
     """
     try:
-        return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
+        # timm's checkpoints (BOAT-CSWin) keep their command line as an argparse.Namespace,
+        # which only holds attributes. (torch's safe_globals context removes its globals on
+        # exit, also ones allow-listed before, so it is entered only when needed.)
+        if argparse.Namespace in torch.serialization.get_safe_globals():
+            return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
     except Exception as exc:  # UnpicklingError names the offending global (timm saves args)
         if trust_checkpoint:
             raise

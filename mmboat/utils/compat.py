@@ -19,8 +19,9 @@ before importing mmdet/mmseg/mmpretrain models. Outside mmboat's tools, with no 
    OpenMMLab models use mmcv's ops, which are built from source with their CPU kernels.
 2. **torch >= 2.6 ``weights_only`` loading** (:func:`fix_checkpoint_loading`). mmengine 0.10.7
    calls ``torch.load`` with the default ``weights_only=True``; its own training checkpoints carry
-   a message hub (``HistoryBuffer``, numpy arrays and scalars) and fail to load for resume/test.
-   Fix: allow-list exactly those mmengine/numpy types with ``torch.serialization.add_safe_globals``
+   a message hub (``HistoryBuffer``, numpy arrays and scalars) and fail to load for resume/test,
+   and timm's checkpoints (the official BOAT-CSWin release) carry an ``argparse.Namespace``.
+   Fix: allow-list exactly those types with ``torch.serialization.add_safe_globals``
    (loading stays weights-only: no arbitrary pickle is executed).
 3. **mmengine's launcher on CPU** (:func:`fix_cpu_distributed_launch`). mmengine 0.10.7's
    ``_init_dist_pytorch`` calls ``torch.cuda.set_device`` unconditionally and configs default to
@@ -30,6 +31,7 @@ before importing mmdet/mmseg/mmpretrain models. Outside mmboat's tools, with no 
    default intra-op threads times data-loader workers times processes oversubscribes the cores
    and makes CPU training 3-50x slower. Fix: one explicit thread budget per process.
 """
+import argparse
 import functools
 import os
 from typing import Optional
@@ -80,8 +82,10 @@ def fix_checkpoint_loading() -> bool:
     import numpy as np
     from mmengine.logging import HistoryBuffer
 
+    # argparse.Namespace: timm's training checkpoints (the official BOAT-CSWin release) store
+    # their command line as ``args``; a Namespace only holds attributes.
     safe = [HistoryBuffer, np.ndarray, np.dtype, np.core.multiarray._reconstruct,
-            np.core.multiarray.scalar]
+            np.core.multiarray.scalar, argparse.Namespace]
     # numpy >= 1.25 pickles dtypes through their classes (np.dtypes.Float64DType, ...).
     dtypes_module = getattr(np, 'dtypes', None)
     if dtypes_module is not None:

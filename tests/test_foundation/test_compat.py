@@ -11,9 +11,9 @@ from mmboat.utils import compat
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _python(code):
+def _python(code, **env):
     return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+                          cwd=ROOT, timeout=300, env={**os.environ, **env})
 
 
 def _torchvision_ops_load():
@@ -36,9 +36,13 @@ def test_the_breakage_is_real_without_the_fix():
     if _torchvision_ops_load():
         assert compat.fix_torchvision_import() is False
         return
-    res = _python('import torchvision')
+    # Without mmboat's start-up hook (mmboat/_startup.py) the plain import fails...
+    res = _python('import torchvision', MMBOAT_STARTUP_HOOK='0')
     assert res.returncode != 0
     assert 'torchvision::nms does not exist' in res.stderr
+    # ... with it (installed by tools/setup_env.sh), it works with no extra call.
+    res = _python('import torchvision, mmdet.models; print("ok")')
+    assert res.returncode == 0 and res.stdout.strip().endswith('ok'), res.stderr[-2000:]
 
 
 def test_fix_is_idempotent():

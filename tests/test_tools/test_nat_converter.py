@@ -155,10 +155,22 @@ def test_dense_checkpoint_loads_strict(tmp_path, config, scope, heads):
         assert torch.equal(model.state_dict()[name], value), name
 
 
+class TrainerState:
+    """A pickled object of a type no restricted loader allows."""
+
+
 def test_untrusted_pickle_needs_flag(tmp_path):
+    # timm's argparse.Namespace ``args`` is allowed by the restricted loader...
     src = tmp_path / 'with_args.pth'
     torch.save({'state_dict': released_cls_checkpoint(),
                 'args': argparse.Namespace(model='nat_mini')}, src)
+    allowed_before = argparse.Namespace in torch.serialization.get_safe_globals()
+    converter.main([str(src), str(tmp_path / 'args_out.pth')])
+    # ... without dropping a process-wide allow-list entry (torch's safe_globals context would).
+    assert (argparse.Namespace in torch.serialization.get_safe_globals()) == allowed_before
+    # ... any other pickled object needs the flag.
+    src = tmp_path / 'with_object.pth'
+    torch.save({'state_dict': released_cls_checkpoint(), 'trainer': TrainerState()}, src)
     with pytest.raises(RuntimeError, match='--trust-checkpoint'):
         converter.main([str(src), str(tmp_path / 'out.pth')])
     converter.main([str(src), str(tmp_path / 'out.pth'), '--trust-checkpoint'])

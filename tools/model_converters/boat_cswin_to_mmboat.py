@@ -34,11 +34,10 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 # ``load_official`` is part of the script's interface.
 from mmboat.utils.checkpoint_convert import (  # noqa: E402,F401
-    add_common_args, extract_state_dict as extract_tensors,
-    load_official_checkpoint as load_official, plain_tensors, save_converted, stage_block_layout)
+    CSWIN_STEM_RENAMES as STEM_RENAMES, add_common_args,
+    extract_state_dict as extract_tensors, load_official_checkpoint as load_official,
+    plain_tensors, save_converted, stage_block_layout)
 
-STEM_RENAMES = {'stage1_conv_embed.0.': 'stage1_conv_embed.conv.',
-                'stage1_conv_embed.2.': 'stage1_conv_embed.norm.'}
 STAGE_PATTERN = re.compile(r'(stage\d+|merge\d+)\.')
 
 

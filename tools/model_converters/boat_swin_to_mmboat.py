@@ -33,11 +33,11 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 # ``load_official`` is part of the script's interface.
 from mmboat.utils.checkpoint_convert import (  # noqa: E402,F401
-    add_common_args, extract_state_dict as extract_tensors,
-    load_official_checkpoint as load_official, plain_tensors, save_converted, stage_block_layout)
+    SWIN_DERIVED_BUFFERS as DERIVED_BUFFERS, add_common_args,
+    extract_state_dict as extract_tensors, load_official_checkpoint as load_official,
+    plain_tensors, save_converted, stage_block_layout)
 
 BACKBONE_PREFIXES = ('patch_embed.', 'layers.')
-DERIVED_BUFFERS = ('relative_position_index', 'attn_mask')
 
 
 def extract_state_dict(checkpoint: dict) -> Dict[str, Tensor]:

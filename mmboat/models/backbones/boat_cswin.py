@@ -16,7 +16,7 @@ from mmengine.model import BaseModule
 
 from mmboat.models.layers.cswin_attention import StripeAttention
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
-from mmboat.models.utils import DropPath, FrozenStagesMixin, layer_depth
+from mmboat.models.utils import DropPath, FrozenStagesMixin, PretrainedMixin, layer_depth
 from mmboat.registry import MODELS
 from .boat_swin import (MLP, _check_fsla_blocks, _check_out_indices, _init_module,
                         _linear_drop_path, check_arch)
@@ -171,7 +171,7 @@ class BOATCSWinBlock(nn.Module):
 
 
 @MODELS.register_module()
-class BOATCSWinTransformer(FrozenStagesMixin, BaseModule):
+class BOATCSWinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
     """BOAT-CSWin backbone.
 
     CSWin Transformer with a feature-space local attention sub-layer (``norm3``/
@@ -204,13 +204,18 @@ class BOATCSWinTransformer(FrozenStagesMixin, BaseModule):
             scale the released BOAT-CSWin weights were trained with (a bug of the released code
             that those weights need).
         fsla_drop_path: DropPath on the FSLA residual (released: yes). Defaults to True.
-        init_cfg: mmengine init config. Defaults to None.
+        init_cfg: mmengine init config;
+            ``dict(type='Pretrained', checkpoint=PATH_OR_URL, prefix='backbone.')``
+            loads an official release or a converted / mmengine checkpoint, and stops with an
+            error when less than half of the backbone would be loaded (``allow_partial=True``
+            opts out; see :mod:`mmboat.models.utils.pretrained`). Defaults to None.
 
     Examples:
         >>> model = BOATCSWinTransformer(arch='tiny', out_indices=(0, 1, 2, 3))
         >>> [tuple(o.shape) for o in model(torch.rand(1, 3, 64, 96))]
         [(1, 64, 16, 24), (1, 128, 8, 12), (1, 256, 4, 6), (1, 512, 2, 3)]
     """
+    checkpoint_family = 'boat_cswin'
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], dict(embed_dims=64, depths=(1, 2, 21, 1),
                                             num_heads=(2, 4, 8, 16), stripe_widths=(1, 2, 7, 7))),

@@ -18,7 +18,7 @@ from mmengine.model.weight_init import trunc_normal_
 
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
 from mmboat.models.layers.window_attention import ShiftedWindowAttention
-from mmboat.models.utils import DropPath, FrozenStagesMixin, layer_depth
+from mmboat.models.utils import DropPath, FrozenStagesMixin, PretrainedMixin, layer_depth
 from mmboat.registry import MODELS
 
 __all__ = ['BOATSwinTransformer', 'BOATSwinBlock', 'MLP']
@@ -225,7 +225,7 @@ def check_arch(arch: Union[str, dict], arch_zoo: Dict[str, dict], essential_keys
 
 
 @MODELS.register_module()
-class BOATSwinTransformer(FrozenStagesMixin, BaseModule):
+class BOATSwinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
     """BOAT-Swin backbone.
 
     Swin Transformer (https://arxiv.org/abs/2103.14030) with a feature-space local attention
@@ -262,14 +262,18 @@ class BOATSwinTransformer(FrozenStagesMixin, BaseModule):
         fsla_qk_scale: FSLA logit scale (None: ``head_dim ** -0.5``, as the released BOAT-Swin).
             Defaults to None.
         fsla_drop_path: DropPath on the FSLA residual (released BOAT-Swin: no). Defaults to False.
-        init_cfg: mmengine init config, e.g. ``dict(type='Pretrained', checkpoint=...,
-            prefix='backbone.')``. Defaults to None.
+        init_cfg: mmengine init config;
+            ``dict(type='Pretrained', checkpoint=PATH_OR_URL, prefix='backbone.')``
+            loads an official release or a converted / mmengine checkpoint, and stops with an
+            error when less than half of the backbone would be loaded (``allow_partial=True``
+            opts out; see :mod:`mmboat.models.utils.pretrained`). Defaults to None.
 
     Examples:
         >>> model = BOATSwinTransformer(arch='tiny', out_indices=(0, 1, 2, 3))
         >>> [tuple(o.shape) for o in model(torch.rand(1, 3, 64, 96))]
         [(1, 96, 16, 24), (1, 192, 8, 12), (1, 384, 4, 6), (1, 768, 2, 3)]
     """
+    checkpoint_family = 'boat_swin'
     arch_zoo = {
         **dict.fromkeys(['t', 'tiny'], dict(embed_dims=96, depths=(2, 2, 6, 2),
                                             num_heads=(3, 6, 12, 24))),

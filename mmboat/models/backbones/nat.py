@@ -8,7 +8,7 @@ from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
 
 from mmboat.models.layers.neighborhood_attention import NeighborhoodAttention2d
-from mmboat.models.utils import DropPath, FrozenStagesMixin, layer_depth
+from mmboat.models.utils import DropPath, FrozenStagesMixin, PretrainedMixin, layer_depth
 from mmboat.registry import MODELS
 
 __all__ = ['NAT', 'DiNAT', 'NATBlock', 'NATLevel', 'DILATION_SCHEDULES', 'resolve_dilations']
@@ -244,7 +244,7 @@ class NATLevel(nn.Module):
 
 
 @MODELS.register_module()
-class NAT(FrozenStagesMixin, BaseModule):
+class NAT(FrozenStagesMixin, PretrainedMixin, BaseModule):
     """Neighborhood Attention Transformer.
 
     `Neighborhood Attention Transformer <https://arxiv.org/abs/2204.07143>`_ (CVPR 2023).
@@ -281,9 +281,11 @@ class NAT(FrozenStagesMixin, BaseModule):
         with_cp (bool): Activation checkpointing of every block. Defaults to False.
         impl (str, optional): NA op implementation (``'auto'``, ``'ext'``, ``'reference'``).
             Defaults to None (``MMBOAT_OPS_IMPL``).
-        init_cfg (dict | list[dict], optional): Initialisation; use
-            ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')`` for a converted
-            checkpoint. Defaults to trunc-normal Linear and unit LayerNorm.
+        init_cfg (dict | list[dict], optional): Initialisation;
+            ``dict(type='Pretrained', checkpoint=PATH_OR_URL, prefix='backbone.')``
+            loads an official release or a converted / mmengine checkpoint, and stops with an
+            error when less than half of the backbone would be loaded (``allow_partial=True``
+            opts out; see :mod:`mmboat.models.utils.pretrained`). Defaults to trunc-normal Linear and unit LayerNorm.
 
     Examples:
         >>> import torch
@@ -293,6 +295,7 @@ class NAT(FrozenStagesMixin, BaseModule):
         >>> [tuple(out.shape) for out in outs]
         [(1, 64, 16, 16), (1, 128, 8, 8), (1, 256, 4, 4), (1, 512, 2, 2)]
     """
+    checkpoint_family = 'nat'
     arch_zoo = {
         **dict.fromkeys(['m', 'mini'], {
             'embed_dims': 64, 'depths': [3, 4, 6, 5], 'num_heads': [2, 4, 8, 16],
