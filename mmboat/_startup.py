@@ -9,7 +9,9 @@ that acts once, when ``torchvision`` is first imported, by applying
 torchvision wheel: ``operator torchvision::nms does not exist``) just before torchvision loads.
 So ``import mmdet.models``, ``import mmseg.apis``, ``mmpretrain.apis.get_model`` and the
 downstream packages' own tools work in a fresh interpreter with no extra call. Where
-torchvision's own ops load, the fix does nothing.
+torchvision's own ops load, the fix does nothing. A second finder registers mmboat's model index
+with mmpretrain's model hub right after ``mmpretrain.apis.model`` is imported
+(:mod:`mmboat.utils.model_index`), so ``mmpretrain.list_models('*nat*')`` finds mmboat's models.
 
 The weights-only allow-list for mmengine's checkpoints needs no hook: importing
 ``mmboat.models`` (what configs' ``custom_imports`` do) applies it.
@@ -41,8 +43,45 @@ class _BeforeImport(importlib.abc.MetaPathFinder):
             except Exception as exc:  # never break the user's import
                 import warnings
                 warnings.warn(f'mmboat: the stack fix before importing {fullname} failed '
-                              f'({type(exc).__name__}: {exc})', RuntimeWarning)
+                              f'({type(exc).__name__}: {exc})', RuntimeWarning, stacklevel=2)
         return None  # the regular finders load the module
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs a callback once, right after the named module is first imported."""
+
+    def __init__(self, name: str, callback) -> None:
+        self.name = name
+        self.callback = callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, 'exec_module'):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_callback(module):
+            exec_module(module)
+            try:
+                self.callback()
+            except Exception as exc:  # never break the user's import
+                import warnings
+                warnings.warn(f'mmboat: the hook after importing {fullname} failed '
+                              f'({type(exc).__name__}: {exc})', RuntimeWarning, stacklevel=2)
+
+        spec.loader.exec_module = exec_then_callback
+        return spec
+
+
+def _register_models() -> None:
+    from mmboat.utils.model_index import register_with_mmpretrain
+
+    register_with_mmpretrain()
 
 
 def _fix_torchvision() -> None:
@@ -56,11 +95,14 @@ def install() -> None:
     with ``MMBOAT_STARTUP_HOOK=0`` in the environment)."""
     import os
 
-    if 'torchvision' in sys.modules or os.environ.get('MMBOAT_STARTUP_HOOK', '1') == '0':
+    if os.environ.get('MMBOAT_STARTUP_HOOK', '1') == '0':
         return
-    if any(isinstance(f, _BeforeImport) for f in sys.meta_path):
+    if any(isinstance(f, (_BeforeImport, _AfterImport)) for f in sys.meta_path):
         return
-    sys.meta_path.insert(0, _BeforeImport('torchvision', _fix_torchvision))
+    if 'torchvision' not in sys.modules:
+        sys.meta_path.insert(0, _BeforeImport('torchvision', _fix_torchvision))
+    if 'mmpretrain.apis.model' not in sys.modules:
+        sys.meta_path.insert(0, _AfterImport('mmpretrain.apis.model', _register_models))
 
 
 def install_pth(site_dir: str = None) -> str:

@@ -1,7 +1,9 @@
 _base_ = ['./boat-cswin-tiny_upernet_8xb2-160k_ade20k-512x512.py']
 
 # The small arch on the tiny recipe; only what differs is set here.
-pretrained = 'checkpoints/boat-cswin-small_in1k_mmboat.pth'
+# The official ImageNet-1K release, read in memory by the backbone (a local path to it, or
+# to its conversion by tools/model_converters/, works the same way).
+pretrained = 'https://www.dropbox.com/s/cnl00d1faxxoi19/cswin_small.pth.tar?dl=1'
 model = dict(
     backbone=dict(
         arch='small',

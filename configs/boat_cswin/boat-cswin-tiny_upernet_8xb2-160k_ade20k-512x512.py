@@ -1,8 +1,9 @@
 _base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
 custom_imports = dict(imports=['mmboat.models'], allow_failed_imports=False)
 
-# ImageNet-1K classification weights converted with tools/model_converters/boat_cswin_to_mmboat.py
-pretrained = 'checkpoints/boat-cswin-tiny_in1k_mmboat.pth'
+# The official ImageNet-1K release, read in memory by the backbone (a local path to it, or
+# to its conversion by tools/model_converters/, works the same way).
+pretrained = 'https://www.dropbox.com/s/rsmtu6r0v2lt0y5/cswin_tiny.pth.tar?dl=1'
 model = dict(
     pretrained=None,
     backbone=dict(

@@ -1,7 +1,9 @@
 _base_ = ['./mask-rcnn_boat-swin-tiny_fpn_ms-crop-3x_coco.py']
 
 # The base arch on the tiny recipe; only what differs is set here.
-pretrained = 'checkpoints/boat-swin-base_in1k_mmboat.pth'
+# The official ImageNet-1K release, read in memory by the backbone (a local path to it, or
+# to its conversion by tools/model_converters/, works the same way).
+pretrained = 'https://www.dropbox.com/s/70hr7h0smcr0gr9/base.pth?dl=1'
 model = dict(
     backbone=dict(
         arch='base',

@@ -1,8 +1,9 @@
 _base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py']
 custom_imports = dict(imports=['mmboat.models'], allow_failed_imports=False)
 
-# ImageNet-1K classification weights converted with tools/model_converters/boat_swin_to_mmboat.py
-pretrained = 'checkpoints/boat-swin-tiny_in1k_mmboat.pth'
+# The official ImageNet-1K release, read in memory by the backbone (a local path to it, or
+# to its conversion by tools/model_converters/, works the same way).
+pretrained = 'https://www.dropbox.com/s/xa94uewsrvjglnn/tiny.pth?dl=1'
 model = dict(
     backbone=dict(
         _delete_=True,

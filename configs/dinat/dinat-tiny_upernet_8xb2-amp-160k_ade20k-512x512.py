@@ -1,8 +1,9 @@
 _base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
 custom_imports = dict(imports=['mmboat.models'], allow_failed_imports=False)
 
-# ImageNet-1K classification weights converted with tools/model_converters/nat_to_mmboat.py
-pretrained = 'checkpoints/dinat-tiny_in1k_mmboat.pth'
+# The official ImageNet-1K release, read in memory by the backbone (a local path to it, or
+# to its conversion by tools/model_converters/, works the same way).
+pretrained = 'https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_tiny_in1k_224.pth'
 model = dict(
     pretrained=None,
     backbone=dict(
@@ -10,7 +11,7 @@ model = dict(
         type='mmboat.DiNAT',
         arch='tiny', dilations='ade20k',
         out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.2,
+        drop_path_rate=0.3,  # as the official segmentation/configs/dinat/upernet_dinat_tiny_512x512_160k_ade20k.py
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
     decode_head=dict(in_channels=[64, 128, 256, 512], num_classes=150),
     auxiliary_head=dict(in_channels=256, num_classes=150))

@@ -6,8 +6,9 @@ _base_ = [
 ]
 custom_imports = dict(imports=['mmboat.models'], allow_failed_imports=False)
 
-# ImageNet-1K classification weights converted with tools/model_converters/nat_to_mmboat.py
-pretrained = 'checkpoints/nat-tiny_in1k_mmboat.pth'
+# The official ImageNet-1K release, read in memory by the backbone (a local path to it, or
+# to its conversion by tools/model_converters/, works the same way).
+pretrained = 'https://shi-labs.com/projects/nat/checkpoints/CLS/nat_tiny.pth'
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 
 
@@ -38,7 +39,7 @@ model = dict(
         type='mmboat.NAT',
         arch='tiny',
         out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.2,
+        drop_path_rate=0.3,  # as the official detection/configs/nat/cascade_mask_rcnn_nat_tiny_3x_coco.py
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
     neck=dict(in_channels=[64, 128, 256, 512]),
     roi_head=dict(bbox_head=[

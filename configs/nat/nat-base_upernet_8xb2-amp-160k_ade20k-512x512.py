@@ -1,7 +1,9 @@
 _base_ = ['./nat-mini_upernet_8xb2-amp-160k_ade20k-512x512.py']
 
 # The base arch on the mini recipe; only what differs is set here.
-pretrained = 'checkpoints/nat-base_in1k_mmboat.pth'
+# The official ImageNet-1K release, read in memory by the backbone (a local path to it, or
+# to its conversion by tools/model_converters/, works the same way).
+pretrained = 'https://shi-labs.com/projects/nat/checkpoints/CLS/nat_base.pth'
 model = dict(
     backbone=dict(
         arch='base',

@@ -1,8 +1,9 @@
 _base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
 custom_imports = dict(imports=['mmboat.models'], allow_failed_imports=False)
 
-# ImageNet-1K classification weights converted with tools/model_converters/nat_to_mmboat.py
-pretrained = 'checkpoints/nat-mini_in1k_mmboat.pth'
+# The official ImageNet-1K release, read in memory by the backbone (a local path to it, or
+# to its conversion by tools/model_converters/, works the same way).
+pretrained = 'https://shi-labs.com/projects/nat/checkpoints/CLS/nat_mini.pth'
 model = dict(
     pretrained=None,
     backbone=dict(

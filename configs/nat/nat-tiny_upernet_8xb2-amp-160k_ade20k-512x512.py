@@ -1,6 +1,11 @@
 _base_ = ['./nat-mini_upernet_8xb2-amp-160k_ade20k-512x512.py']
 
 # The tiny arch on the mini recipe; only what differs is set here.
-pretrained = 'checkpoints/nat-tiny_in1k_mmboat.pth'
+# The official ImageNet-1K release, read in memory by the backbone (a local path to it, or
+# to its conversion by tools/model_converters/, works the same way).
+pretrained = 'https://shi-labs.com/projects/nat/checkpoints/CLS/nat_tiny.pth'
 model = dict(
-    backbone=dict(arch='tiny', init_cfg=dict(checkpoint=pretrained)))
+    backbone=dict(
+        arch='tiny',
+        drop_path_rate=0.3,  # as the official segmentation/configs/nat/upernet_nat_tiny_512x512_160k_ade20k.py
+        init_cfg=dict(checkpoint=pretrained)))

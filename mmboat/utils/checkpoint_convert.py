@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    'CSWIN_STEM_RENAMES', 'SWIN_DERIVED_BUFFERS', 'load_official_checkpoint', 'extract_state_dict', 'plain_tensors', 'stage_block_layout',
-    'save_converted', 'add_common_args'
+    'CSWIN_STEM_RENAMES', 'SWIN_DERIVED_BUFFERS', 'load_official_checkpoint',
+    'extract_state_dict', 'plain_tensors', 'stage_block_layout', 'save_converted',
+    'add_common_args'
 ]
 
 # Renames shared by the converters and the in-memory reading of official checkpoints

@@ -202,3 +202,43 @@ def test_downstream_model_with_official_checkpoint(tmp_path):
                          num_classes=3, norm_cfg=dict(type='BN'))))
     model.init_weights()
     _assert_loaded(model.backbone, source)
+
+
+@pytest.mark.parametrize('family', sorted(CASES))
+def test_classification_backbone_takes_the_release_final_norm(family, tmp_path):
+    """With only the last stage out (a classifier's backbone), the release's final ``norm`` is
+    that stage's output norm, as the converters map it."""
+    build, save_official, _ = CASES[family]
+    path = str(tmp_path / 'official.pth')
+    save_official(path, _randomised(build(out_indices=(0, 1, 2, 3))))
+    released = torch.load(path, weights_only=True)
+    released = released.get('model', released.get('state_dict', released))
+    model = build(init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    model.init_weights()
+    torch.testing.assert_close(model.norm3.weight, released['norm.weight'])
+    torch.testing.assert_close(model.norm3.bias, released['norm.bias'])
+
+
+@pytest.mark.parametrize('family', sorted(CASES))
+def test_official_release_into_an_mmpretrain_classifier(family, tmp_path):
+    from mmpretrain.registry import MODELS
+
+    from mmboat.models.utils.pretrained import official_release, official_to_classifier
+
+    build, save_official, _ = CASES[family]
+    path = str(tmp_path / 'official.pth')
+    save_official(path, _randomised(build(out_indices=(0, 1, 2, 3))))
+    family_found, weights, _ = official_release(torch.load(path, weights_only=True))
+    assert family_found == family
+    backbone = {'nat': dict(type='mmboat.NAT', arch=deepcopy(NAT_ARCH), kernel_size=3),
+                'boat_swin': dict(type='mmboat.BOATSwinTransformer', arch=SWIN_ARCH,
+                                  window_size=4, img_size=64, fsla_cluster_size=8,
+                                  fsla_overlap=3),
+                'boat_cswin': dict(type='mmboat.BOATCSWinTransformer', arch=CSWIN_ARCH,
+                                   fsla_cluster_size=8, fsla_overlap=3)}[family]
+    classifier = MODELS.build(dict(type='ImageClassifier', backbone=backbone,
+                                   neck=dict(type='GlobalAveragePooling'),
+                                   head=dict(type='LinearClsHead', num_classes=10,
+                                             in_channels=128)))
+    # strict: every classifier tensor comes from the release, nothing is left over.
+    classifier.load_state_dict(official_to_classifier(family, weights), strict=True)

@@ -154,3 +154,32 @@ def test_mmdet_own_train_tool_and_inferencer(tmp_path):
                  'print("RESULT", type(result["predictions"][0]).__name__)', cwd=str(tmp_path))
     assert run.returncode == 0, run.stdout[-3000:]
     assert 'RESULT DetDataSample' in run.stdout, run.stdout[-3000:]
+
+
+def test_model_index_in_mmpretrain_hub_from_a_fresh_interpreter(tmp_path):
+    """list_models / get_model by name, with nothing imported but mmpretrain."""
+    run = _fresh('from mmpretrain import get_model, list_models\n'
+                 'names = list_models("*nat*")\n'
+                 'print("RESULT", "nat-tiny_8xb128_in1k" in names, '
+                 '"dinat-large_in21k-pre_8xb128_in1k" in names, '
+                 'len(list_models("boat-*_in1k")))\n'
+                 'model = get_model("nat-mini_8xb128_in1k")\n'
+                 'print("MODEL", type(model.backbone).__name__)', cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert 'RESULT True True 6' in run.stdout and 'MODEL NAT' in run.stdout, run.stdout[-3000:]
+
+
+def test_metafiles_name_official_weights():
+    from modelindex.load_model_index import load
+
+    from mmboat.utils.model_index import model_index_path
+
+    index = load(model_index_path())
+    index.build_models_with_collections()
+    models = {m.name: m for m in index.models}
+    assert models['nat-tiny_8xb128_in1k'].weights == (
+        'https://shi-labs.com/projects/nat/checkpoints/CLS/nat_tiny.pth')
+    for model in models.values():
+        assert osp.isfile(osp.join(osp.dirname(model_index_path()), model.config)), model.name
+        if model.name.endswith('_in1k'):
+            assert model.weights and model.weights.startswith('https://'), model.name

@@ -100,7 +100,9 @@ def test_cls_checkpoint_loads_strict_into_mmpretrain(tmp_path, layer_scale):
     converter.main([str(src), str(dst)])
 
     result = torch.load(dst, weights_only=True)
-    assert set(result['meta']) == {'converter', 'task', 'arch', 'num_tensors'}
+    assert set(result['meta']) == {'converter', 'task', 'arch', 'num_tensors',
+                                   'official_final_norm'}
+    assert result['meta']['official_final_norm'] == 'norm3'
     assert result['meta']['task'] == 'cls'
     assert result['meta']['arch'] == (
         f'embed_dims=16, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4], kernel_size=3, '

@@ -93,7 +93,8 @@ def test_bad_input_messages(seg_root, tmp_path):
                         ['default_scope=mmboat'])
 
 
-AMP_SEG_CONFIG = osp.join(ROOT, 'configs', 'nat', 'nat-mini_upernet_8xb2-amp-160k_ade20k-512x512.py')
+AMP_SEG_CONFIG = osp.join(ROOT, 'configs', 'nat',
+                          'nat-mini_upernet_8xb2-amp-160k_ade20k-512x512.py')
 CPU_AMP_WARNING = 'no CUDA device is available. Training on the CPU with bfloat16 autocast'
 
 

@@ -85,7 +85,9 @@ def convert(checkpoint: dict, use_ema: bool = False) -> dict:
     converted = convert_state_dict(state_dict)
     meta = {'converter': 'tools/model_converters/boat_cswin_to_mmboat.py',
             'weights': 'state_dict_ema' if use_ema else 'state_dict',
-            'arch': describe_arch(state_dict), 'num_tensors': len(converted)}
+            'arch': describe_arch(state_dict), 'num_tensors': len(converted),
+            # a dense backbone leaves it fresh (mmboat/models/utils/pretrained.py)
+            'official_final_norm': 'norm3'}
     return {'state_dict': converted, 'meta': meta}
 
 

@@ -85,7 +85,9 @@ def convert(checkpoint: dict) -> dict:
     state_dict = extract_state_dict(checkpoint)
     converted = convert_state_dict(state_dict)
     meta = {'converter': 'tools/model_converters/boat_swin_to_mmboat.py',
-            'arch': describe_arch(state_dict), 'num_tensors': len(converted)}
+            'arch': describe_arch(state_dict), 'num_tensors': len(converted),
+            # a dense backbone leaves it fresh (mmboat/models/utils/pretrained.py)
+            'official_final_norm': 'norm3'}
     return {'state_dict': converted, 'meta': meta}
 
 

@@ -128,6 +128,11 @@ def convert(checkpoint: dict, use_ema: bool = False, task: str = 'auto') -> dict
     converted = plain_tensors(converted)
     meta = {'converter': 'tools/model_converters/nat_to_mmboat.py', 'task': task, 'arch': arch,
             'num_tensors': len(converted)}
+    if task == 'cls':
+        # The release's final norm, mapped to the last output norm for classification; a
+        # dense backbone leaves it fresh, as the official det/seg fine-tuning does
+        # (mmboat/models/utils/pretrained.py).
+        meta['official_final_norm'] = f'norm{num_stages(state_dict) - 1}'
     return {'state_dict': converted, 'meta': meta}
 
 

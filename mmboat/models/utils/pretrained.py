@@ -28,7 +28,11 @@ from torch import Tensor, nn
 from mmboat.utils.checkpoint_convert import (CSWIN_STEM_RENAMES, SWIN_DERIVED_BUFFERS,
                                              extract_state_dict)
 
-__all__ = ['FAMILIES', 'read_backbone_weights', 'load_pretrained_backbone', 'PretrainedMixin']
+__all__ = [
+    'FAMILIES', 'OFFICIAL_URL_PREFIXES', 'register_official_url_loader', 'official_release',
+    'official_to_classifier', 'read_backbone_weights', 'load_pretrained_backbone',
+    'PretrainedMixin'
+]
 
 # Backbone family -> (name for messages, the converter script, a key prefix only it has).
 FAMILIES = {
@@ -36,6 +40,10 @@ FAMILIES = {
     'boat_swin': ('BOAT-Swin', 'boat_swin_to_mmboat.py', 'layers.'),
     'boat_cswin': ('BOAT-CSWin', 'boat_cswin_to_mmboat.py', 'stage1.'),
 }
+# Where the official releases are downloaded from (the metafiles list the full URLs).
+OFFICIAL_URL_PREFIXES = ('https://shi-labs.com/projects/nat/checkpoints/',
+                         'https://shi-labs.com/projects/dinat/checkpoints/',
+                         'https://www.dropbox.com/s/')
 # The least fraction of a backbone's elements a load must cover without allow_partial=True.
 MIN_COVERAGE = 0.5
 
@@ -47,12 +55,21 @@ def _family_of(keys) -> Optional[str]:
     return None
 
 
-def _official_backbone_keys(family: str, state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Official names -> the backbone's names (the converters' renames without ``backbone.``);
-    the classification ``head`` and final ``norm`` are left out."""
+def _official_backbone_keys(family: str, state_dict: Dict[str, Tensor],
+                            final_norm: Optional[str] = None) -> Dict[str, Tensor]:
+    """Official names -> the backbone's names (the converters' renames without ``backbone.``).
+
+    The classification ``head`` is left out; the release's final ``norm`` becomes
+    ``final_norm`` (the output norm of a classification backbone) or is left out (a dense
+    backbone's output norms start fresh, as the official det/seg fine-tuning leaves them).
+    """
     result = OrderedDict()
     for name, value in state_dict.items():
-        if name.startswith(('head.', 'norm.')):
+        if name.startswith('head.'):
+            continue
+        if name.startswith('norm.'):
+            if final_norm is not None:
+                result[final_norm + name[len('norm'):]] = value
             continue
         if family == 'boat_swin' and name.rsplit('.', 1)[-1] in SWIN_DERIVED_BUFFERS:
             continue
@@ -65,14 +82,57 @@ def _official_backbone_keys(family: str, state_dict: Dict[str, Tensor]) -> Dict[
     return result
 
 
-def read_backbone_weights(checkpoint: dict, prefix: str = '') -> Tuple[Dict[str, Tensor], str,
-                                                                      Optional[str]]:
+def official_release(checkpoint: dict) -> Optional[Tuple[str, Dict[str, Tensor], str]]:
+    """Recognise an official NAT/DiNAT, BOAT-Swin or BOAT-CSWin release.
+
+    Returns:
+        tuple | None: ``(family, weights under the release's names, description)``, or None
+        when the checkpoint is not laid out as one of the releases.
+    """
+    if isinstance(checkpoint.get('model'), dict) and 'state_dict' not in checkpoint:
+        weights = extract_state_dict(checkpoint, ('model', ))
+        if _family_of(weights) == 'boat_swin':
+            return ('boat_swin', weights,
+                    'an official BOAT-Swin checkpoint (weights under "model")')
+    if 'args' in checkpoint and isinstance(checkpoint.get('state_dict'), dict):
+        weights = extract_state_dict(checkpoint, ('state_dict', ))
+        if _family_of(weights) == 'boat_cswin':
+            return 'boat_cswin', weights, 'an official BOAT-CSWin (timm) checkpoint'
+    if not isinstance(checkpoint.get('state_dict'), dict):
+        weights = extract_state_dict(checkpoint, ())
+        if _family_of(weights) == 'nat' and any(k.startswith('head.') for k in weights):
+            return ('nat', weights,
+                    'an official NAT/DiNAT classification checkpoint (timm names)')
+    return None
+
+
+def official_to_classifier(family: str, weights: Dict[str, Tensor],
+                           num_stages: int = 4) -> Dict[str, Tensor]:
+    """An official release's weights as an mmpretrain ``ImageClassifier``'s (``backbone.*``
+    with the final norm as ``norm{last}``, ``head.fc.*``): the converters' classification
+    mapping, in memory."""
+    result = OrderedDict()
+    backbone = _official_backbone_keys(family, weights, final_norm=f'norm{num_stages - 1}')
+    for name, value in backbone.items():
+        result['backbone.' + name] = value
+    for name, value in weights.items():
+        if name.startswith('head.'):
+            result['head.fc.' + name[len('head.'):]] = value
+    return result
+
+
+def read_backbone_weights(checkpoint: dict, prefix: str = '',
+                          final_norm: Optional[str] = None
+                          ) -> Tuple[Dict[str, Tensor], str, Optional[str]]:
     """The backbone weights in a loaded checkpoint, whatever its layout.
 
     Args:
         checkpoint (dict): A loaded checkpoint.
         prefix (str): The backbone's key prefix in mmengine / converted checkpoints
             (e.g. ``'backbone.'``). Defaults to ``''``.
+        final_norm (str, optional): The backbone's output norm that an official release's final
+            ``norm`` (or that of a release converted in memory) goes to; None for a dense
+            backbone, whose output norms then start fresh. Defaults to None.
 
     Returns:
         tuple: ``(weights, description, family)``: the tensors under the backbone's own names,
@@ -81,35 +141,58 @@ def read_backbone_weights(checkpoint: dict, prefix: str = '') -> Tuple[Dict[str,
     """
     if not isinstance(checkpoint, dict):
         raise TypeError(f'expected a dict checkpoint, got {type(checkpoint).__name__}')
-    top = sorted(checkpoint)[:8]
-    if isinstance(checkpoint.get('model'), dict) and 'state_dict' not in checkpoint:
-        weights = extract_state_dict(checkpoint, ('model', ))
-        family = _family_of(weights)
-        if family == 'boat_swin':
-            return (_official_backbone_keys(family, weights),
-                    'an official BOAT-Swin checkpoint (weights under "model")', family)
-    if 'args' in checkpoint and isinstance(checkpoint.get('state_dict'), dict):
-        weights = extract_state_dict(checkpoint, ('state_dict', ))
-        family = _family_of(weights)
-        if family == 'boat_cswin':
-            return (_official_backbone_keys(family, weights),
-                    'an official BOAT-CSWin (timm) checkpoint', family)
+    release = official_release(checkpoint)
+    if release is not None:
+        family, weights, what = release
+        return _official_backbone_keys(family, weights, final_norm), what, family
     weights = extract_state_dict(checkpoint, ('state_dict', 'model'))
+    meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else {}
     if prefix and any(k.startswith(prefix) for k in weights):
         own = OrderedDict((k[len(prefix):], v) for k, v in weights.items() if k.startswith(prefix))
-        meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else {}
-        what = ('a checkpoint converted by mmboat' if 'converter' in meta else
-                'an mmengine/mmboat checkpoint')
-        return own, f'{what} (keys under "{prefix}")', _family_of(own)
-    family = _family_of(weights)
-    if family is not None:
-        name = FAMILIES[family][0]
-        if prefix:
-            what = f'an official {name} classification checkpoint (timm names, no "{prefix}")'
+        released_norm = meta.get('official_final_norm')
+        if released_norm and released_norm != final_norm:
+            # A release converted in memory (an official URL): its final norm is not a dense
+            # backbone's output norm.
+            own = OrderedDict((k, v) for k, v in own.items()
+                              if k.split('.', 1)[0] != released_norm)
+        if 'official_release' in meta:
+            what = f'{meta["official_release"]}, converted in memory'
+        elif 'converter' in meta:
+            what = f'a checkpoint converted by mmboat (keys under "{prefix}")'
         else:
-            what = f'a {name} checkpoint'
-        return _official_backbone_keys(family, weights), what, family
+            what = f'an mmengine/mmboat checkpoint (keys under "{prefix}")'
+        return own, what, _family_of(own)
+    family = _family_of(weights)
+    top = sorted(checkpoint)[:8]
+    if family is not None:
+        return weights, f'a {FAMILIES[family][0]} checkpoint without the "{prefix}" prefix', family
     return weights, f'an unrecognised checkpoint (top-level keys: {top})', None
+
+
+def _load_official_url(filename: str, map_location=None) -> dict:
+    """mmengine checkpoint loader for the official release URLs: download (weights-only,
+    torch.hub's cache), and convert a classification release to an mmpretrain classifier's layout
+    in memory; anything else (the det/seg releases already use mmdet/mmseg names) as it is."""
+    from mmengine.runner.checkpoint import load_from_http
+
+    checkpoint = load_from_http(filename, map_location=map_location)
+    release = official_release(checkpoint) if isinstance(checkpoint, dict) else None
+    if release is None:
+        return checkpoint
+    family, weights, what = release
+    return {'state_dict': official_to_classifier(family, weights),
+            'meta': {'official_release': what, 'official_final_norm': 'norm3',
+                     'source': filename}}
+
+
+def register_official_url_loader() -> None:
+    """Make mmengine's ``load_checkpoint`` / ``CheckpointLoader`` read the official release
+    URLs through :func:`_load_official_url` (``load_from``, ``init_cfg``, mmpretrain's
+    ``get_model(..., pretrained=True)``)."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    CheckpointLoader.register_scheme(prefixes=list(OFFICIAL_URL_PREFIXES),
+                                     loader=_load_official_url, force=True)
 
 
 def _output_norm(name: str) -> bool:
@@ -119,7 +202,8 @@ def _output_norm(name: str) -> bool:
 
 def load_pretrained_backbone(backbone: nn.Module, family: str, checkpoint: str,
                              prefix: Optional[str] = None, map_location: str = 'cpu',
-                             allow_partial: bool = False) -> Dict[str, List[str]]:
+                             allow_partial: bool = False,
+                             final_norm: Optional[str] = None) -> Dict[str, List[str]]:
     """Load ``checkpoint`` into ``backbone`` (see the module docstring).
 
     Args:
@@ -129,6 +213,7 @@ def load_pretrained_backbone(backbone: nn.Module, family: str, checkpoint: str,
         prefix (str, optional): The backbone's key prefix in the checkpoint. Defaults to None.
         map_location (str): Where to load tensors. Defaults to ``'cpu'``.
         allow_partial (bool): Load whatever matches, however little. Defaults to False.
+        final_norm (str, optional): See :func:`read_backbone_weights`. Defaults to None.
 
     Returns:
         dict: ``missing``, ``mismatched`` and ``unexpected`` key lists.
@@ -141,7 +226,7 @@ def load_pretrained_backbone(backbone: nn.Module, family: str, checkpoint: str,
 
     loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location,
                                               logger='current')
-    weights, what, found = read_backbone_weights(loaded, prefix or '')
+    weights, what, found = read_backbone_weights(loaded, prefix or '', final_norm)
     cls = type(backbone).__name__
     own = backbone.state_dict()
     matched = OrderedDict((k, v) for k, v in weights.items()
@@ -213,6 +298,9 @@ class PretrainedMixin:
             super().init_weights()  # type: ignore[misc]
         finally:
             self.init_cfg = cfg
+        # A classification backbone (only the last stage out) takes a release's final norm.
+        last = self.num_stages - 1  # type: ignore[attr-defined]
+        final_norm = f'norm{last}' if tuple(self.out_indices) == (last, ) else None  # type: ignore
         load_pretrained_backbone(self, self.checkpoint_family, cfg['checkpoint'],  # type: ignore
                                  cfg.get('prefix'), cfg.get('map_location', 'cpu'),
-                                 bool(cfg.get('allow_partial', False)))
+                                 bool(cfg.get('allow_partial', False)), final_norm)
