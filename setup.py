@@ -5,15 +5,18 @@
   ``FORCE_CUDA=1``, and a CUDA toolkit is found.
 * ``MMBOAT_WITH_OPS=0`` installs the pure-Python package (ops fall back to the PyTorch
   reference implementations with one warning).
+* ``configs/``, ``tools/`` and ``model-index.yml`` are copied into the package as ``mmboat/.mim/``.
 
 When ops are wanted, failure is loud: a missing torch, a missing toolkit under FORCE_CUDA=1 or a
 compile error stops the install with the reason.
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,6 +32,27 @@ def _fail(msg: str) -> None:
 
 def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+# Shipped inside the package as mmboat/.mim/ (OpenMMLab's convention, read by mim and by
+# mmboat.utils.model_index), so that a non-editable install has its configs and model index.
+MIM_FILES = ('configs', 'tools', 'model-index.yml')
+
+
+class BuildPyWithMim(build_py):
+    """build_py that also copies :data:`MIM_FILES` to ``mmboat/.mim/`` in the build."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, 'mmboat', '.mim')
+        for name in MIM_FILES:
+            src, dst = os.path.join(ROOT, name), os.path.join(target, name)
+            if os.path.isdir(src):
+                shutil.copytree(src, dst, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+            elif os.path.isfile(src):
+                os.makedirs(target, exist_ok=True)
+                shutil.copy2(src, dst)
 
 
 def build_ext_modules():
@@ -86,4 +110,4 @@ def build_ext_modules():
 
 
 ext_modules, cmdclass = build_ext_modules()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={**cmdclass, 'build_py': BuildPyWithMim})

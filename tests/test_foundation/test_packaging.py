@@ -49,3 +49,44 @@ def test_import_mmboat_is_light():
     out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True,
                          text=True, cwd=ROOT).stdout
     assert out.strip() == '[]'
+
+
+@pytest.mark.slow
+def test_non_editable_install_ships_configs_and_model_index(tmp_path):
+    """A wheel (``pip install .``) carries configs/, tools/ and model-index.yml as
+    ``mmboat/.mim/`` and the installed package finds its model index there."""
+    import glob
+    import zipfile
+
+    wheels = tmp_path / 'wheels'
+    res = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-build-isolation',
+                          '--no-deps', '-w', str(wheels), ROOT], capture_output=True, text=True,
+                         env={**os.environ, 'MMBOAT_WITH_OPS': '0'}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (wheel, ) = glob.glob(str(wheels / 'mmboat-*.whl'))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ('mmboat/.mim/model-index.yml', 'mmboat/.mim/configs/nat/metafile.yml',
+                 'mmboat/.mim/configs/nat/nat-tiny_8xb128_in1k.py',
+                 'mmboat/.mim/tools/train.py'):
+        assert name in names, name
+    site = tmp_path / 'site'
+    res = subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target',
+                          str(site), wheel], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # The installed copy, not this checkout's editable install: `python -S` skips the .pth
+    # files (the editable finder, the start-up hook), the environment's packages come after it.
+    import site as site_module
+
+    code = (f'import sys; sys.path[:0] = [{str(site)!r}]; '
+            f'sys.path += {site_module.getsitepackages()!r}\n'
+            'import os.path as osp\n'
+            'from modelindex.load_model_index import load\n'
+            'from mmboat.utils.model_index import model_index_path\n'
+            'path = model_index_path(); index = load(path); index.build_models_with_collections()\n'
+            'missing = [m.name for m in index.models '
+            'if not osp.isfile(osp.join(osp.dirname(path), m.config))]\n'
+            'print("RESULT", path.startswith(' + repr(str(site)) + '), len(index.models), missing)')
+    res = subprocess.run([sys.executable, '-S', '-c', code], capture_output=True, text=True,
+                         cwd=str(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'RESULT True' in res.stdout and res.stdout.strip().endswith('[]'), res.stdout
