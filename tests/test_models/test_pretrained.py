@@ -219,9 +219,23 @@ def test_classification_backbone_takes_the_release_final_norm(family, tmp_path):
     torch.testing.assert_close(model.norm3.bias, released['norm.bias'])
 
 
+def _classifier(family):
+    from mmpretrain.registry import MODELS
+
+    backbone = {'nat': dict(type='mmboat.NAT', arch=deepcopy(NAT_ARCH), kernel_size=3),
+                'boat_swin': dict(type='mmboat.BOATSwinTransformer', arch=SWIN_ARCH,
+                                  window_size=4, img_size=64, fsla_cluster_size=8,
+                                  fsla_overlap=3),
+                'boat_cswin': dict(type='mmboat.BOATCSWinTransformer', arch=CSWIN_ARCH,
+                                   fsla_cluster_size=8, fsla_overlap=3)}[family]
+    return MODELS.build(dict(type='ImageClassifier', backbone=backbone,
+                             neck=dict(type='GlobalAveragePooling'),
+                             head=dict(type='LinearClsHead', num_classes=10, in_channels=128)))
+
+
 @pytest.mark.parametrize('family', sorted(CASES))
 def test_official_release_into_an_mmpretrain_classifier(family, tmp_path):
-    from mmpretrain.registry import MODELS
+    from mmengine.runner import load_checkpoint
 
     from mmboat.models.utils.pretrained import official_release, official_to_classifier
 
@@ -230,15 +244,9 @@ def test_official_release_into_an_mmpretrain_classifier(family, tmp_path):
     save_official(path, _randomised(build(out_indices=(0, 1, 2, 3))))
     family_found, weights, _ = official_release(torch.load(path, weights_only=True))
     assert family_found == family
-    backbone = {'nat': dict(type='mmboat.NAT', arch=deepcopy(NAT_ARCH), kernel_size=3),
-                'boat_swin': dict(type='mmboat.BOATSwinTransformer', arch=SWIN_ARCH,
-                                  window_size=4, img_size=64, fsla_cluster_size=8,
-                                  fsla_overlap=3),
-                'boat_cswin': dict(type='mmboat.BOATCSWinTransformer', arch=CSWIN_ARCH,
-                                   fsla_cluster_size=8, fsla_overlap=3)}[family]
-    classifier = MODELS.build(dict(type='ImageClassifier', backbone=backbone,
-                                   neck=dict(type='GlobalAveragePooling'),
-                                   head=dict(type='LinearClsHead', num_classes=10,
-                                             in_channels=128)))
     # strict: every classifier tensor comes from the release, nothing is left over.
-    classifier.load_state_dict(official_to_classifier(family, weights), strict=True)
+    _classifier(family).load_state_dict(official_to_classifier(family, weights), strict=True)
+    # The same through mmengine's load_checkpoint of the local file (load_from, tools/test.py).
+    classifier = _classifier(family)
+    load_checkpoint(classifier, path, map_location='cpu', strict=True)
+    torch.testing.assert_close(classifier.head.fc.weight, weights['head.weight'])

@@ -169,28 +169,46 @@ def read_backbone_weights(checkpoint: dict, prefix: str = '',
     return weights, f'an unrecognised checkpoint (top-level keys: {top})', None
 
 
-def _load_official_url(filename: str, map_location=None) -> dict:
-    """mmengine checkpoint loader for the official release URLs: download (weights-only,
-    torch.hub's cache), and convert a classification release to an mmpretrain classifier's layout
-    in memory; anything else (the det/seg releases already use mmdet/mmseg names) as it is."""
-    from mmengine.runner.checkpoint import load_from_http
-
-    checkpoint = load_from_http(filename, map_location=map_location)
+def _as_classifier(checkpoint, source: str):
+    """An official classification release as an mmpretrain classifier's checkpoint (converted
+    in memory); anything else (mmengine checkpoints, converted files, the det/seg releases,
+    which already use mmdet/mmseg names) as it is."""
     release = official_release(checkpoint) if isinstance(checkpoint, dict) else None
     if release is None:
         return checkpoint
     family, weights, what = release
     return {'state_dict': official_to_classifier(family, weights),
             'meta': {'official_release': what, 'official_final_norm': 'norm3',
-                     'source': filename}}
+                     'source': source}}
+
+
+def _load_official_url(filename: str, map_location=None) -> dict:
+    """mmengine checkpoint loader for the official release URLs (weights-only download into
+    torch.hub's cache, then :func:`_as_classifier`)."""
+    from mmengine.runner.checkpoint import load_from_http
+
+    return _as_classifier(load_from_http(filename, map_location=map_location), filename)
+
+
+_local_loader = []  # mmengine's own loader of local files, wrapped once
+
+
+def _load_local(filename: str, map_location=None) -> dict:
+    """mmengine's local-file loader, then :func:`_as_classifier`: an official release given by
+    path (``load_from``, ``tools/test.py``, ``init_cfg``) loads like a converted file."""
+    return _as_classifier(_local_loader[0](filename, map_location), filename)
 
 
 def register_official_url_loader() -> None:
-    """Make mmengine's ``load_checkpoint`` / ``CheckpointLoader`` read the official release
-    URLs through :func:`_load_official_url` (``load_from``, ``init_cfg``, mmpretrain's
-    ``get_model(..., pretrained=True)``)."""
+    """Make mmengine's ``load_checkpoint`` / ``CheckpointLoader`` read official releases, by
+    URL or local path, through :func:`_as_classifier` (``load_from``, ``init_cfg``, mmpretrain's
+    ``get_model(..., pretrained=True)``). Idempotent."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
+    if _local_loader:
+        return
+    _local_loader.append(CheckpointLoader._schemes[''])
+    CheckpointLoader.register_scheme(prefixes='', loader=_load_local, force=True)
     CheckpointLoader.register_scheme(prefixes=list(OFFICIAL_URL_PREFIXES),
                                      loader=_load_official_url, force=True)
 
