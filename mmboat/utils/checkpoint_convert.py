@@ -19,7 +19,7 @@ from torch import Tensor
 __all__ = [
     'CSWIN_STEM_RENAMES', 'SWIN_DERIVED_BUFFERS', 'load_official_checkpoint',
     'extract_state_dict', 'plain_tensors', 'stage_block_layout', 'save_converted',
-    'add_common_args'
+    'add_common_args', 'describe_keys'
 ]
 
 # Renames shared by the converters and the in-memory reading of official checkpoints
@@ -45,15 +45,10 @@ def load_official_checkpoint(path: str, trust_checkpoint: bool = False) -> dict:
     Raises:
         RuntimeError: The file holds pickled objects besides tensors and ``trust_checkpoint`` is
             off; the message names the ``--trust-checkpoint`` flag.
+        ValueError: The file was already converted by mmboat.
     """
     try:
-        # timm's checkpoints (BOAT-CSWin) keep their command line as an argparse.Namespace,
-        # which only holds attributes. (torch's safe_globals context removes its globals on
-        # exit, also ones allow-listed before, so it is entered only when needed.)
-        if argparse.Namespace in torch.serialization.get_safe_globals():
-            return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
+        checkpoint = _load(path, trust_checkpoint)
     except Exception as exc:  # UnpicklingError names the offending global (timm saves args)
         if trust_checkpoint:
             raise
@@ -61,6 +56,28 @@ def load_official_checkpoint(path: str, trust_checkpoint: bool = False) -> dict:
             f'{path} holds pickled objects besides tensors ({type(exc).__name__}: {exc}). '
             'If you trust its source, rerun with --trust-checkpoint to unpickle it fully.'
         ) from exc
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    if isinstance(meta, dict) and 'converter' in meta:
+        raise ValueError(f'{path} is already converted by mmboat ({meta["converter"]}, '
+                         f'{meta.get("arch", "")}): use it as it is (load_from, or init_cfg '
+                         "Pretrained with prefix='backbone.')")
+    return checkpoint
+
+
+def _load(path: str, trust_checkpoint: bool) -> dict:
+    # timm's checkpoints (BOAT-CSWin) keep their command line as an argparse.Namespace, which
+    # only holds attributes. (torch's safe_globals context removes its globals on exit, also
+    # ones allow-listed before, so it is entered only when needed.)
+    if argparse.Namespace in torch.serialization.get_safe_globals():
+        return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
+
+
+def describe_keys(checkpoint: dict, weights: Dict[str, Tensor]) -> str:
+    """The checkpoint's top-level keys and its first weight names, for error messages."""
+    top = sorted(str(k) for k in checkpoint)[:10] if isinstance(checkpoint, dict) else []
+    return f'top-level keys: {top}; first weight names: {list(weights)[:5]}'
 
 
 def extract_state_dict(checkpoint: dict,
@@ -146,6 +163,19 @@ def save_converted(state_dict: Dict[str, Tensor], meta: dict, path: str) -> None
     torch.save({'state_dict': state_dict, 'meta': meta}, path)
 
 
+CONVERTER_EPILOG = '''\
+classification vs dense use:
+  A classification release converts to an mmpretrain ImageClassifier checkpoint (backbone.*,
+  the final norm as backbone.norm3, head.fc.*): use it with `load_from` in an mmpretrain config,
+  or as the backbone init of a det/seg config with
+  init_cfg=dict(type='Pretrained', checkpoint=DST, prefix='backbone.') -- there the dense
+  backbone's output norms start fresh, as in the official fine-tuning.
+  A released detection/segmentation checkpoint converts to mmdet 3 / mmseg 1 names: use it with
+  `load_from` or tools/test.py.
+  No conversion is needed at all to train or test: mmboat reads the official files (and URLs)
+  in memory; the converters are for offline use.'''
+
+
 def add_common_args(parser: argparse.ArgumentParser,
                     ema_help: Optional[str] = None) -> argparse.ArgumentParser:
     """Add ``src``, ``dst``, ``--ema`` (only with ``ema_help``) and ``--trust-checkpoint``.
@@ -158,6 +188,8 @@ def add_common_args(parser: argparse.ArgumentParser,
     Returns:
         argparse.ArgumentParser: ``parser``.
     """
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = CONVERTER_EPILOG
     parser.add_argument('src', help='released checkpoint')
     parser.add_argument('dst', help='output path')
     if ema_help is not None:

@@ -191,3 +191,22 @@ def test_bad_checkpoints_have_clear_errors(tmp_path):
         converter.convert({'state_dict': released_cls_checkpoint()}, use_ema=True)
     with pytest.raises(ValueError, match='--task dense but the checkpoint looks like a cls'):
         converter.convert(released_cls_checkpoint(), task='dense')
+
+
+def test_converter_papercuts(tmp_path, capsys):
+    src, dst = tmp_path / 'nat_mini.pth', tmp_path / 'converted.pth'
+    torch.save(released_cls_checkpoint(), src)
+    converter.main([str(src), str(dst)])
+    # A second run on the output says it is converted already.
+    with pytest.raises(ValueError, match='already converted by mmboat .*use it as it is'):
+        converter.main([str(dst), str(tmp_path / 'twice.pth')])
+    # Errors name the checkpoint's top-level keys.
+    other = tmp_path / 'other.pth'
+    torch.save({'model_state': {'encoder.weight': torch.zeros(1)}, 'epoch': 3}, other)
+    with pytest.raises(ValueError, match=r"top-level keys: \['epoch', 'model_state'\]"):
+        converter.main([str(other), str(tmp_path / 'x.pth')])
+    # --help explains classification vs dense use.
+    with pytest.raises(SystemExit):
+        converter.main(['--help'])
+    out = capsys.readouterr().out
+    assert 'classification vs dense use' in out and "prefix='backbone.'" in out

@@ -34,7 +34,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 # ``load_official`` is part of the script's interface.
 from mmboat.utils.checkpoint_convert import (  # noqa: E402,F401
-    CSWIN_STEM_RENAMES as STEM_RENAMES, add_common_args,
+    describe_keys, CSWIN_STEM_RENAMES as STEM_RENAMES, add_common_args,
     extract_state_dict as extract_tensors, load_official_checkpoint as load_official,
     plain_tensors, save_converted, stage_block_layout)
 
@@ -46,7 +46,7 @@ def extract_state_dict(checkpoint: dict, use_ema: bool = False) -> Dict[str, Ten
     result = extract_tensors(checkpoint, ('state_dict', 'model'), use_ema)
     if not any(name.startswith('stage1_conv_embed.') for name in result):
         raise ValueError('not a BOAT-CSWin checkpoint: no "stage1_conv_embed.*" keys '
-                         f'(first keys: {list(result)[:5]})')
+                         f'({describe_keys(checkpoint, result)})')
     return result
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 # ``load_official`` is part of the script's interface.
 from mmboat.utils.checkpoint_convert import (  # noqa: E402,F401
-    SWIN_DERIVED_BUFFERS as DERIVED_BUFFERS, add_common_args,
+    describe_keys, SWIN_DERIVED_BUFFERS as DERIVED_BUFFERS, add_common_args,
     extract_state_dict as extract_tensors, load_official_checkpoint as load_official,
     plain_tensors, save_converted, stage_block_layout)
 
@@ -45,7 +45,7 @@ def extract_state_dict(checkpoint: dict) -> Dict[str, Tensor]:
     result = extract_tensors(checkpoint, ('model', 'state_dict'))
     if not any(name.startswith('layers.') for name in result):
         raise ValueError('not a BOAT-Swin checkpoint: no "layers.*" keys '
-                         f'(first keys: {list(result)[:5]})')
+                         f'({describe_keys(checkpoint, result)})')
     return result
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 # ``load_official`` is part of the script's interface.
 from mmboat.utils.checkpoint_convert import (  # noqa: E402,F401
-    add_common_args, extract_state_dict as extract_tensors,
+    describe_keys, add_common_args, extract_state_dict as extract_tensors,
     load_official_checkpoint as load_official, plain_tensors, save_converted)
 
 BACKBONE_PREFIXES = ('patch_embed.', 'levels.')
@@ -45,7 +45,11 @@ def extract_state_dict(checkpoint: dict, use_ema: bool = False) -> Dict[str, Ten
     """Pick the weights out of a checkpoint and strip ``module.`` prefixes."""
     result = extract_tensors(checkpoint, ('state_dict', 'model'), use_ema)
     if not result:
-        raise ValueError('no tensors found in the checkpoint')
+        raise ValueError('no tensors found in the checkpoint '
+                         f'({describe_keys(checkpoint, result)})')
+    if not any(name.startswith(BACKBONE_PREFIXES + ('backbone.levels.', )) for name in result):
+        raise ValueError('not a NAT/DiNAT checkpoint: no "levels.*" or "backbone.levels.*" keys '
+                         f'({describe_keys(checkpoint, result)})')
     return result
 
 
