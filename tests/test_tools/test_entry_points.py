@@ -117,6 +117,9 @@ def test_mmpretrain_own_tools_and_inferencer(tmp_path):
     run = _script([_downstream_tool('mmpretrain', 'train.py'), config, '--work-dir',
                    str(tmp_path / 'own')], cwd=str(tmp_path))
     assert run.returncode == 0, run.stdout[-3000:]
+    run = _script([_downstream_tool('mmpretrain', 'test.py'), config, ckpt, '--work-dir',
+                   str(tmp_path / 'test')], cwd=str(tmp_path))
+    assert run.returncode == 0 and 'accuracy/top1' in run.stdout, run.stdout[-3000:]
     image = osp.join(data, 'val', CLASSES[0], '000.png')
     run = _fresh('from mmpretrain.apis import ImageClassificationInferencer\n'
                  f'inferencer = ImageClassificationInferencer({config!r}, '
@@ -145,6 +148,9 @@ def test_mmdet_own_train_tool_and_inferencer(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:]
     config = osp.join(work_dir, osp.basename(DET_CONFIG))
     ckpt = osp.join(work_dir, 'iter_2.pth')
+    run = _script([_downstream_tool('mmdet', 'test.py'), config, ckpt, '--work-dir',
+                   str(tmp_path / 'test')], cwd=str(tmp_path))
+    assert run.returncode == 0 and 'Iter(test) [1/1]' in run.stdout, run.stdout[-3000:]
     image = osp.join(data, 'images', 'val', sorted(os.listdir(osp.join(data, 'images',
                                                                           'val')))[0])
     run = _fresh('from mmdet.apis import DetInferencer\n'
