@@ -81,6 +81,18 @@ def build_ext_modules():
         if force_cuda:
             _fail('FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME).')
         with_cuda = False
+    if with_cuda and not os.path.isfile(os.path.join(CUDA_HOME, 'include', 'cuda_runtime.h')):
+        # torch takes CUDA_HOME from `which nvcc`; a wrapper script (e.g. /usr/local/bin/nvcc
+        # exec-ing the real one) points it at a folder without the runtime, and the link then
+        # fails with "cannot find -lcudart".
+        hint = next((d for d in ('/usr/local/cuda', '/opt/cuda')
+                     if os.path.isfile(os.path.join(d, 'include', 'cuda_runtime.h'))), None)
+        msg = (f'CUDA_HOME={CUDA_HOME} (found from nvcc) holds no CUDA runtime '
+               '(include/cuda_runtime.h); set CUDA_HOME to the toolkit folder'
+               + (f', e.g. CUDA_HOME={hint}' if hint else ''))
+        if force_cuda:
+            _fail('FORCE_CUDA=1 but ' + msg + '.')
+        with_cuda = False
     if with_cuda and torch.version.cuda is None:
         msg = ('this torch is a CPU build: its wheel lacks the CUDA headers and libraries the '
                'CUDA ops link against; install a CUDA build of torch to build them')

@@ -1,11 +1,19 @@
-"""Test-session setup: the stack fixes (mmboat/utils/compat.py) and a bounded thread count."""
+"""Test-session setup: the stack fixes (mmboat/utils/compat.py) and a bounded thread count.
+
+The op tests also run without the OpenMMLab stack (tools/gpu_check.sh on a bare GPU machine):
+without mmengine only the thread budget is set.
+"""
 import pytest
 import torch
-from mmengine.registry import DefaultScope
 
 from mmboat.utils import apply_stack_fixes, limit_cpu_threads
 
-apply_stack_fixes()
+try:
+    from mmengine.registry import DefaultScope
+except ImportError:  # the ops alone (tools/gpu_check.sh)
+    DefaultScope = None
+else:
+    apply_stack_fixes()
 limit_cpu_threads()
 
 
@@ -22,6 +30,9 @@ def pytest_collection_modifyitems(config, items):
 def _isolate_default_scope():
     """A test that sets mmengine's default scope (init_default_scope('mmseg'), a Runner...)
     must not change how later tests resolve unprefixed type names."""
+    if DefaultScope is None:
+        yield
+        return
     saved = dict(DefaultScope._instance_dict)
     yield
     DefaultScope._instance_dict.clear()

@@ -183,6 +183,7 @@ def test_direct_clustered_attention_call_follows_the_policy():
 @pytest.mark.skipif(not HAS_NA, reason='mmboat._ext lacks the NA CPU ops')
 @pytest.mark.slow
 def test_torch_compile_na_layer_under_autocast():
+    pytest.importorskip('mmengine', reason='mmboat.models needs mmengine')
     from mmboat.models.layers import NeighborhoodAttention2d
 
     torch._dynamo.reset()
