@@ -32,10 +32,10 @@ __all__ = [
 # (the clustering, family 'clustering', is float32 too).
 _FAMILY = 'clustered_attention'
 
-# dtypes the compiled attention kernels take per device (CUDA has no float64 kernels).
+# dtypes the compiled attention kernels take per device (the CPU kernels have no half types).
 _ATTENTION_DTYPES = {
     'cpu': (torch.float32, torch.float64),
-    'cuda': (torch.float32, torch.float16, torch.bfloat16),
+    'cuda': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
 
 

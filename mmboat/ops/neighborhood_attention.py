@@ -72,11 +72,11 @@ def neighborhood_attention_op_available(name: str = 'na2d_forward',
     return _op_has_kernel(name, torch.device(device))
 
 
-# dtypes the compiled kernels take per device (CUDA has no float64 kernels); others run on the
-# reference.
+# dtypes the compiled kernels take per device (float64 accumulates in float64, the others in
+# float32); others run on the reference.
 _KERNEL_DTYPES = {
     'cpu': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    'cuda': (torch.float32, torch.float16, torch.bfloat16),
+    'cuda': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
 
 

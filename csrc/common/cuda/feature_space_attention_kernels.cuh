@@ -11,16 +11,19 @@
 //   by (score, rank) (the rank tie-break makes it stable; NaN sorts last as in torch.sort);
 //   the group's slice of perm is rewritten in sorted order. Scratch lives in global memory
 //   (disjoint per group), so any group size works.
-// Attention: one block per (row, leaf), keys/values of the leaf (own tokens + sibling overlap)
-//   gathered through perm into shared memory as float32; one warp per query: logits, max, sum of
+// Attention (float, half, bfloat16 in float32; double in double, as on CPU, so float64 gradcheck
+//   runs on a GPU; acc_t<T> below): one block per (row, leaf), keys/values of the leaf (own
+//   tokens + sibling overlap) gathered through perm into shared memory as acc_t<T>; one warp per
+//   query: logits, max, sum of
 //   exponentials and probabilities (exact two-pass softmax over the <= m + o keys), out = P V,
 //   lse = max + log(sum) written in the input dtype (the dtype the op schema / fake kernel use).
 // Backward: same blocks; the softmax normaliser is recomputed from the logits (bit-identical to
 //   the forward, and independent of the precision of a half/bfloat16 lse); dQ per query (one
-//   writer); dK/dV accumulated per leaf in shared memory, then added with float32 atomics to a
-//   float32 buffer: a key token receives at most two contributions (its own leaf and the sibling
+//   writer); dK/dV accumulated per leaf in shared memory, then added with acc_t atomics to an
+//   acc_t buffer: a key token receives at most two contributions (its own leaf and the sibling
 //   leaf whose overlap contains it) and 0 + a + b == 0 + b + a in IEEE arithmetic, so the result
-//   is deterministic. A final kernel converts the buffer to the output dtype (skipped for float).
+//   is deterministic. A final kernel converts the buffer to the output dtype (skipped for float
+//   and double).
 #pragma once
 
 #ifndef MMBOAT_CUDA_EMULATION
@@ -33,6 +36,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "balanced_clustering.h"
 
@@ -64,8 +68,25 @@ constexpr int kClusterThreads = 256;
 constexpr int kAttnWarps = 4;
 constexpr int kAttnThreads = kAttnWarps * kWarp;
 
+// Accumulation type of the attention kernels: float, double for double.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
 template <typename T>
 struct Elem;
+template <>
+struct Elem<double> {
+  static __device__ __forceinline__ double load(double x) { return x; }
+  static __device__ __forceinline__ double store(double x) { return x; }
+};
 template <>
 struct Elem<float> {
   static __device__ __forceinline__ float load(float x) { return x; }
@@ -84,15 +105,24 @@ struct Elem<__nv_bfloat16> {
   }
 };
 
-__device__ __forceinline__ float warp_sum(float v) {
+__device__ __forceinline__ float exp_f(float x) { return expf(x); }
+__device__ __forceinline__ double exp_f(double x) { return exp(x); }
+__device__ __forceinline__ float log_f(float x) { return logf(x); }
+__device__ __forceinline__ double log_f(double x) { return log(x); }
+__device__ __forceinline__ float max_f(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_f(double a, double b) { return fmax(a, b); }
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) v += MMBOAT_FSLA_SHFL_XOR(v, o);
   return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+template <typename A>
+__device__ __forceinline__ A warp_max(A v) {
 #pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, MMBOAT_FSLA_SHFL_XOR(v, o));
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = max_f(v, MMBOAT_FSLA_SHFL_XOR(v, o));
   return v;
 }
 
@@ -320,10 +350,21 @@ struct AttnProblem {
   int64_t overlap;
   int64_t max_keys;  // max leaf size + overlap
   float scale;
+  double scale64;  // the same scale, unrounded: used by the double kernels
 };
 
+// The scale in the accumulation type A (float: p.scale; double: p.scale64).
+template <typename A>
+__host__ __device__ __forceinline__ A scale_of(const AttnProblem& p) {
+  if constexpr (std::is_same<A, double>::value) {
+    return p.scale64;
+  } else {
+    return p.scale;
+  }
+}
+
 inline AttnProblem make_attn_problem(int64_t rows, int64_t n, int64_t d, int64_t cluster_size,
-                                     int64_t overlap, float scale) {
+                                     int64_t overlap, double scale) {
   AttnProblem p;
   p.rows = rows;
   p.n = n;
@@ -331,26 +372,30 @@ inline AttnProblem make_attn_problem(int64_t rows, int64_t n, int64_t d, int64_t
   p.levels = bhc::num_levels(n, cluster_size);
   p.overlap = overlap;
   p.max_keys = bhc::max_leaf_size(n, p.levels) + (p.levels > 0 ? overlap : 0);
-  p.scale = scale;
+  p.scale = static_cast<float>(scale);
+  p.scale64 = scale;
   return p;
 }
 
-// Shared-memory layout (floats): ld = d + 1 (odd stride: no bank conflicts over keys).
+// Shared-memory layout (acc_t elements, acc_size bytes each): ld = d + 1 (odd stride: no bank
+// conflicts over keys).
 //   forward:  k [K, ld], v [K, ld], per warp: q [d], p [K]
 //   backward: k, v, dk, dv [K, ld], per warp: q [d], go [d], p [K], ds [K]
-inline size_t attn_smem_bytes(const AttnProblem& p, bool backward) {
+inline size_t attn_smem_bytes(const AttnProblem& p, bool backward,
+                              size_t acc_size = sizeof(float)) {
   const int64_t ld = p.d + 1, K = p.max_keys;
   const int64_t shared = (backward ? 4 : 2) * K * ld;
   const int64_t per_warp = backward ? (2 * p.d + 2 * K) : (p.d + K);
-  return size_t(shared + kAttnWarps * per_warp) * sizeof(float);
+  return size_t(shared + kAttnWarps * per_warp) * acc_size;
 }
 
-// Loads the leaf's keys/values (own tokens then overlap) as float32; returns the key count.
+// Loads the leaf's keys/values (own tokens then overlap) as acc_t; returns the key count.
 template <typename T>
 __device__ __forceinline__ int64_t load_leaf_kv(const bhc::LeafKeys& lk,
                                                 const int64_t* __restrict__ perm_row,
                                                 const T* __restrict__ k, const T* __restrict__ v,
-                                                int64_t d, int64_t ld, float* ks, float* vs) {
+                                                int64_t d, int64_t ld, acc_t<T>* ks,
+                                                acc_t<T>* vs) {
   const int64_t count = lk.own.size + lk.extra.size;
   for (int64_t idx = threadIdx.x; idx < count * d; idx += blockDim.x) {
     const int64_t j = idx / d, c = idx % d;
@@ -362,29 +407,35 @@ __device__ __forceinline__ int64_t load_leaf_kv(const bhc::LeafKeys& lk,
   return count;
 }
 
+template <typename A>
+struct MaxSum {
+  A max, sum;
+};
+
 // Logits of the query in qs (warp-local) against the leaf keys into ps; returns (max, sum) of
 // exp(logit - max) and leaves ps[j] = exp(logit_j - max) (unnormalised).
-__device__ __forceinline__ float2 warp_softmax(const float* qs, const float* ks, int64_t count,
-                                               int64_t d, int64_t ld, float scale, float* ps) {
+template <typename A>
+__device__ __forceinline__ MaxSum<A> warp_softmax(const A* qs, const A* ks, int64_t count,
+                                                  int64_t d, int64_t ld, A scale, A* ps) {
   const int lane = threadIdx.x % kWarp;
-  float mx = -INFINITY;
+  A mx = -INFINITY;
   for (int64_t j = lane; j < count; j += kWarp) {
-    float s = 0.f;
+    A s = 0;
     for (int64_t c = 0; c < d; ++c) s += qs[c] * ks[j * ld + c];
     s *= scale;
     ps[j] = s;
-    mx = fmaxf(mx, s);
+    mx = max_f(mx, s);
   }
   mx = warp_max(mx);
-  float sum = 0.f;
+  A sum = 0;
   for (int64_t j = lane; j < count; j += kWarp) {
-    const float e = expf(ps[j] - mx);
+    const A e = exp_f(ps[j] - mx);
     ps[j] = e;
     sum += e;
   }
   sum = warp_sum(sum);
   MMBOAT_FSLA_SYNCWARP();
-  return make_float2(mx, sum);
+  return MaxSum<A>{mx, sum};
 }
 
 template <typename T>
@@ -392,7 +443,9 @@ __global__ void __launch_bounds__(kAttnThreads)
     fsla_forward_kernel(AttnProblem p, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const int64_t* __restrict__ perm,
                         T* __restrict__ out, T* __restrict__ lse) {
-  MMBOAT_FSLA_SMEM(smem);
+  using A = acc_t<T>;
+  MMBOAT_FSLA_SMEM(smem_raw);
+  A* smem = reinterpret_cast<A*>(smem_raw);
   const int64_t leaves = int64_t(1) << p.levels;
   const int64_t row = int64_t(blockIdx.x) / leaves, leaf = int64_t(blockIdx.x) % leaves;
   const bhc::LeafKeys lk = bhc::leaf_keys(p.n, p.levels, leaf, p.overlap);
@@ -400,11 +453,11 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int64_t d = p.d, ld = d + 1, K = p.max_keys;
   const int64_t base = row * p.n;
   const int64_t* perm_row = perm + base;
-  float* ks = smem;
-  float* vs = ks + K * ld;
+  A* ks = smem;
+  A* vs = ks + K * ld;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  float* qs = vs + K * ld + warp * (d + K);
-  float* ps = qs + d;
+  A* qs = vs + K * ld + warp * (d + K);
+  A* ps = qs + d;
   const int64_t count = load_leaf_kv(lk, perm_row, k + base * d, v + base * d, d, ld, ks, vs);
   __syncthreads();
   for (int64_t t = warp; t < lk.own.size; t += kAttnWarps) {
@@ -412,15 +465,15 @@ __global__ void __launch_bounds__(kAttnThreads)
     const T* qt = q + (base + tok) * d;
     for (int64_t c = lane; c < d; c += kWarp) qs[c] = Elem<T>::load(qt[c]);
     MMBOAT_FSLA_SYNCWARP();
-    const float2 ms = warp_softmax(qs, ks, count, d, ld, p.scale, ps);
-    const float inv = 1.0f / ms.y;
+    const MaxSum<A> ms = warp_softmax(qs, ks, count, d, ld, scale_of<A>(p), ps);
+    const A inv = A(1) / ms.sum;
     T* ot = out + (base + tok) * d;
     for (int64_t c = lane; c < d; c += kWarp) {
-      float acc = 0.f;
+      A acc = 0;
       for (int64_t j = 0; j < count; ++j) acc += ps[j] * vs[j * ld + c];
       ot[c] = Elem<T>::store(acc * inv);
     }
-    if (lane == 0) lse[base + tok] = Elem<T>::store(ms.x + logf(ms.y));
+    if (lane == 0) lse[base + tok] = Elem<T>::store(ms.max + log_f(ms.sum));
     MMBOAT_FSLA_SYNCWARP();  // qs/ps are reused by the next query
   }
 }
@@ -430,9 +483,11 @@ __global__ void __launch_bounds__(kAttnThreads)
     fsla_backward_kernel(AttnProblem p, const T* __restrict__ grad_out, const T* __restrict__ q,
                          const T* __restrict__ k, const T* __restrict__ v,
                          const T* __restrict__ out, const int64_t* __restrict__ perm,
-                         T* __restrict__ grad_q, float* __restrict__ gk_acc,
-                         float* __restrict__ gv_acc) {
-  MMBOAT_FSLA_SMEM(smem);
+                         T* __restrict__ grad_q, acc_t<T>* __restrict__ gk_acc,
+                         acc_t<T>* __restrict__ gv_acc) {
+  using A = acc_t<T>;
+  MMBOAT_FSLA_SMEM(smem_raw);
+  A* smem = reinterpret_cast<A*>(smem_raw);
   const int64_t leaves = int64_t(1) << p.levels;
   const int64_t row = int64_t(blockIdx.x) / leaves, leaf = int64_t(blockIdx.x) % leaves;
   const bhc::LeafKeys lk = bhc::leaf_keys(p.n, p.levels, leaf, p.overlap);
@@ -440,48 +495,49 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int64_t d = p.d, ld = d + 1, K = p.max_keys;
   const int64_t base = row * p.n;
   const int64_t* perm_row = perm + base;
-  float* ks = smem;
-  float* vs = ks + K * ld;
-  float* dks = vs + K * ld;
-  float* dvs = dks + K * ld;
+  A* ks = smem;
+  A* vs = ks + K * ld;
+  A* dks = vs + K * ld;
+  A* dvs = dks + K * ld;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  float* qs = dvs + K * ld + warp * (2 * d + 2 * K);
-  float* gos = qs + d;
-  float* ps = gos + d;
-  float* dss = ps + K;
+  A* qs = dvs + K * ld + warp * (2 * d + 2 * K);
+  A* gos = qs + d;
+  A* ps = gos + d;
+  A* dss = ps + K;
+  const A scale = scale_of<A>(p);
   const int64_t count = load_leaf_kv(lk, perm_row, k + base * d, v + base * d, d, ld, ks, vs);
   for (int64_t idx = threadIdx.x; idx < count * ld; idx += blockDim.x) {
-    dks[idx] = 0.f;
-    dvs[idx] = 0.f;
+    dks[idx] = 0;
+    dvs[idx] = 0;
   }
   __syncthreads();
   for (int64_t t = warp; t < lk.own.size; t += kAttnWarps) {
     const int64_t tok = perm_row[lk.own.offset + t];
     const int64_t at = (base + tok) * d;
-    float delta = 0.f;
+    A delta = 0;
     for (int64_t c = lane; c < d; c += kWarp) {
       qs[c] = Elem<T>::load(q[at + c]);
-      const float g = Elem<T>::load(grad_out[at + c]);
+      const A g = Elem<T>::load(grad_out[at + c]);
       gos[c] = g;
       delta += g * Elem<T>::load(out[at + c]);
     }
     delta = warp_sum(delta);
     MMBOAT_FSLA_SYNCWARP();
-    const float2 ms = warp_softmax(qs, ks, count, d, ld, p.scale, ps);
-    const float inv = 1.0f / ms.y;
+    const MaxSum<A> ms = warp_softmax(qs, ks, count, d, ld, scale, ps);
+    const A inv = A(1) / ms.sum;
     for (int64_t j = lane; j < count; j += kWarp) {
-      float dp = 0.f;
+      A dp = 0;
       for (int64_t c = 0; c < d; ++c) dp += gos[c] * vs[j * ld + c];
-      const float pj = ps[j] * inv;
+      const A pj = ps[j] * inv;
       ps[j] = pj;
-      dss[j] = pj * (dp - delta) * p.scale;
+      dss[j] = pj * (dp - delta) * scale;
     }
     MMBOAT_FSLA_SYNCWARP();
     for (int64_t c = lane; c < d; c += kWarp) {
-      float acc = 0.f;
-      const float qc = qs[c], gc = gos[c];
+      A acc = 0;
+      const A qc = qs[c], gc = gos[c];
       for (int64_t j = 0; j < count; ++j) {
-        const float ds = dss[j];
+        const A ds = dss[j];
         acc += ds * ks[j * ld + c];
         atomicAdd(&dks[j * ld + c], ds * qc);
         atomicAdd(&dvs[j * ld + c], ps[j] * gc);
@@ -501,7 +557,7 @@ __global__ void __launch_bounds__(kAttnThreads)
 }
 
 template <typename T>
-__global__ void fsla_convert_kernel(const float* __restrict__ src, int64_t count,
+__global__ void fsla_convert_kernel(const acc_t<T>* __restrict__ src, int64_t count,
                                     T* __restrict__ dst) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < count) dst[i] = Elem<T>::store(src[i]);
@@ -529,7 +585,7 @@ const char* launch_attention_forward(const AttnProblem& p, const T* q, const T* 
   if (p.rows <= 0 || p.n <= 0 || p.d <= 0) return nullptr;
   const int64_t grid = p.rows << p.levels;
   if (grid > 0x7fffffff) return "clustered_attention: batch * heads * leaves too large";
-  const size_t smem = attn_smem_bytes(p, false);
+  const size_t smem = attn_smem_bytes(p, false, sizeof(acc_t<T>));
   if (const char* err = prepare_smem(fsla_forward_kernel<T>, smem, smem_limit)) return err;
   MMBOAT_FSLA_LAUNCH(fsla_forward_kernel<T>, unsigned(grid), kAttnThreads, smem, stream, p, q, k, v, perm, out,
                                                                          lse);
@@ -537,17 +593,18 @@ const char* launch_attention_forward(const AttnProblem& p, const T* q, const T* 
   return nullptr;
 }
 
-// gk_acc/gv_acc: zero-filled float32 [rows, n, d]. When T is float they may alias grad_k /
-// grad_v (then no conversion runs); otherwise the result is converted into grad_k / grad_v.
+// gk_acc/gv_acc: zero-filled acc_t<T> [rows, n, d] (float32; double for double). When T is
+// acc_t<T> (float, double) they may alias grad_k / grad_v (then no conversion runs); otherwise
+// the result is converted into grad_k / grad_v.
 template <typename T>
 const char* launch_attention_backward(const AttnProblem& p, const T* grad_out, const T* q,
                                       const T* k, const T* v, const T* out, const int64_t* perm,
-                                      T* grad_q, float* gk_acc, float* gv_acc, T* grad_k,
+                                      T* grad_q, acc_t<T>* gk_acc, acc_t<T>* gv_acc, T* grad_k,
                                       T* grad_v, size_t smem_limit, cudaStream_t stream) {
   if (p.rows <= 0 || p.n <= 0 || p.d <= 0) return nullptr;
   const int64_t grid = p.rows << p.levels;
   if (grid > 0x7fffffff) return "clustered_attention: batch * heads * leaves too large";
-  const size_t smem = attn_smem_bytes(p, true);
+  const size_t smem = attn_smem_bytes(p, true, sizeof(acc_t<T>));
   if (const char* err = prepare_smem(fsla_backward_kernel<T>, smem, smem_limit)) return err;
   MMBOAT_FSLA_LAUNCH(fsla_backward_kernel<T>, unsigned(grid), kAttnThreads, smem, stream, 
       p, grad_out, q, k, v, out, perm, grad_q, gk_acc, gv_acc);

@@ -1,6 +1,8 @@
 // Neighborhood attention (NA) CUDA kernels: fused forward / backward and the unfused qk / av
 // ops with their backwards, for 1-D, 2-D and 3-D, in float, half and bfloat16 (float32
-// accumulation). Torch-free: raw pointers and sizes; the torch launchers live in
+// accumulation, float32 log-sum-exp / delta / rpb-gradient scratch) and in double (all of it in
+// double, as the CPU kernels, so float64 gradcheck can run on a GPU). The accumulation type is
+// acc_t<T>. Torch-free: raw pointers and sizes; the torch launchers live in
 // csrc/pytorch/cuda/neighborhood_attention_cuda.cu.
 //
 // ---------------------------------------------------------------------------------------------
@@ -38,19 +40,19 @@
 // * kLanes = 4 threads cooperate on one query: lane l owns head-dim elements l, l+4, l+8, ...
 //   (strided, so the 8 queries of a warp hit distinct shared-memory banks thanks to a 16-byte row
 //   pad); dot products are reduced with group-masked __shfl_xor_sync.
-// * Shared memory: the tile's queries (pre-scaled, float32) and the key/value union box, staged in
+// * Shared memory: the tile's queries (pre-scaled, acc_t) and the key/value union box, staged in
 //   chunks of whole "lines" (all keys of the innermost axis for one (u0, u1)); a query walks the
 //   lines of its window that fall in the chunk. Usually the whole union fits in one chunk; the
 //   chunking keeps any kernel size / head_dim within the shared-memory budget. Global->shared
 //   copies use 16-byte vector loads when head_dim * sizeof(T) % 16 == 0 and pointers are aligned
 //   (the head_dim 32/64 fast path).
-// * Online softmax in float32 (running max m, sum l, accumulator), out = acc / l, and the natural
+// * Online softmax in acc_t<T> (running max m, sum l, accumulator), out = acc / l, and the natural
 //   log-sum-exp m + log(l) is written for the backward. Head dims larger than kLanes * DPL are
 //   processed in passes over output columns (logits recomputed per pass).
 //
 // Backward (flash style): kernel 1, one lane group per query: delta = rowsum(dO * O) (stored),
-// P = exp(s - lse), dS = P * (dO . V - delta), dQ = scale * sum dS K, and dS accumulated into a
-// float32 rpb-gradient table (block-local shared-memory table when it fits, then one global
+// P = exp(s - lse), dS = P * (dO . V - delta), dQ = scale * sum dS K, and dS accumulated into
+// an acc_t rpb-gradient table (block-local shared-memory table when it fits, then one global
 // atomicAdd per entry and block). Kernel 2, one lane group per key: gathers the queries of its
 // inverse window and accumulates dK = scale * sum dS Q and dV = sum P dO.
 // The unfused ops follow the same per-query / per-key split.
@@ -68,6 +70,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #ifndef MMBOAT_CUDA_EMULATION
 #include <cuda_runtime.h>
@@ -99,11 +103,28 @@ constexpr int kItemsPerBlock = 64;   // queries (keys) per block of the simple k
 constexpr int kSimpleThreads = kLanes * kItemsPerBlock;
 constexpr int kMaxTileQueries = 64;  // queries per block of the fused forward
 constexpr int kMaxGridY = 65535;
-constexpr int kMaxSmemRpbEntries = 4096;  // block-local rpb-gradient table (16 KiB)
+constexpr int kMaxSmemRpbEntries = 4096;  // block-local rpb-gradient table (16/32 KiB)
 
 // ------------------------------------------------------------------ dtype traits
+// Accumulation (and log-sum-exp / delta / rpb-gradient) type: float, double for double.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
 template <typename T>
 struct TypeTraits;
+template <>
+struct TypeTraits<double> {
+  static MMBOAT_NA_HD double to_float(double x) { return x; }
+  static MMBOAT_NA_HD double from_float(double x) { return x; }
+};
 template <>
 struct TypeTraits<float> {
   static MMBOAT_NA_HD float to_float(float x) { return x; }
@@ -120,11 +141,11 @@ struct TypeTraits<__nv_bfloat16> {
   static MMBOAT_NA_HD __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 template <typename T>
-MMBOAT_NA_HD float to_f(T x) {
+MMBOAT_NA_HD acc_t<T> to_f(T x) {
   return TypeTraits<T>::to_float(x);
 }
 template <typename T>
-MMBOAT_NA_HD T from_f(float x) {
+MMBOAT_NA_HD T from_f(acc_t<T> x) {
   return TypeTraits<T>::from_float(x);
 }
 
@@ -162,6 +183,20 @@ struct Problem {
   int causal[kMaxAxes] = {0, 0, 0};
   float scale = 1.f;
   int has_rpb = 0;
+  // The same scale unrounded, for the double kernels (set_scale / scale64), kept as the two
+  // 32-bit halves of a double: a double member would make Problem 8-byte aligned, which changes
+  // the code of the float/half/bfloat16 kernels (it costs them a stack frame).
+  unsigned scale64_bits[2] = {0u, 0x3ff00000u};  // 1.0
+
+  MMBOAT_NA_HD void set_scale(double s) {
+    scale = static_cast<float>(s);
+    memcpy(scale64_bits, &s, sizeof(double));
+  }
+  MMBOAT_NA_HD double scale64() const {
+    double s;
+    memcpy(&s, scale64_bits, sizeof(double));
+    return s;
+  }
 
   MMBOAT_NA_HD int64_t tokens() const {
     return static_cast<int64_t>(length[0]) * length[1] * length[2];
@@ -176,7 +211,7 @@ struct Problem {
 // Fills `p` for an n-axis problem (n = 1..3) given per-axis arrays; axes are right-aligned.
 inline Problem make_problem(int n, int batch, int heads, int head_dim, const int64_t* length,
                             const int64_t* kernel, const int64_t* dilation, const bool* causal,
-                            float scale, bool has_rpb) {
+                            double scale, bool has_rpb) {
   Problem p;
   p.batch = batch;
   p.heads = heads;
@@ -188,9 +223,19 @@ inline Problem make_problem(int n, int batch, int heads, int head_dim, const int
     p.dilation[dst] = static_cast<int>(dilation[a]);
     p.causal[dst] = causal[a] ? 1 : 0;
   }
-  p.scale = scale;
+  p.set_scale(scale);
   p.has_rpb = has_rpb ? 1 : 0;
   return p;
+}
+
+// The scale in the accumulation type A (float: p.scale; double: p.scale64()).
+template <typename A>
+MMBOAT_NA_HD A scale_of(const Problem& p) {
+  if constexpr (std::is_same<A, double>::value) {
+    return p.scale64();
+  } else {
+    return p.scale;
+  }
 }
 
 // Per-axis position of one token.
@@ -255,7 +300,8 @@ MMBOAT_NA_HD QueryWindow query_window(const Problem& p, const AxisPos pos[kMaxAx
 
 // Sum over the kLanes threads of one query/key group (groups never straddle a warp: blocks are
 // multiples of 32 threads). Only the group's lanes take part, so groups may diverge.
-__device__ __forceinline__ float group_sum(float v) {
+template <typename A>
+__device__ __forceinline__ A group_sum(A v) {
   const unsigned lane = threadIdx.x & 31u;
   const unsigned mask = ((1u << kLanes) - 1u) << (lane & ~static_cast<unsigned>(kLanes - 1));
 #pragma unroll
@@ -265,14 +311,19 @@ __device__ __forceinline__ float group_sum(float v) {
 
 // Full-length dot product of two rows of global memory, reduced over the lane group.
 template <typename T>
-__device__ __forceinline__ float group_dot(const T* __restrict__ a, const T* __restrict__ b,
-                                           int dim, int lane) {
-  float s = 0.f;
+__device__ __forceinline__ acc_t<T> group_dot(const T* __restrict__ a, const T* __restrict__ b,
+                                              int dim, int lane) {
+  acc_t<T> s = 0;
   for (int i = lane; i < dim; i += kLanes) s += to_f(a[i]) * to_f(b[i]);
   return group_sum(s);
 }
 
 __device__ __forceinline__ float exp_f(float x) { return expf(x); }
+__device__ __forceinline__ double exp_f(double x) { return exp(x); }
+__device__ __forceinline__ float log_f(float x) { return logf(x); }
+__device__ __forceinline__ double log_f(double x) { return log(x); }
+__device__ __forceinline__ float max_f(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_f(double a, double b) { return fmax(a, b); }
 
 // ============================================================================================
 // Fused forward
@@ -283,7 +334,7 @@ struct ForwardTiling {
   int tiles[kMaxAxes];            // dilation * tiles_per_group
   int union_max[kMaxAxes];        // largest union-box extent
   int lines_per_chunk;            // (u0, u1) lines of keys staged at once
-  int q_stride;                   // floats per staged query row
+  int q_stride;                   // acc_t elements per staged query row
   int kv_stride;                  // elements per staged key/value row
   int vec;                        // 16-byte vector copies allowed
   size_t kv_offset, v_offset, smem_bytes;
@@ -292,8 +343,10 @@ struct ForwardTiling {
 };
 
 // Chooses the tiling for a shared-memory budget; returns an error message or nullptr.
+// elem_size: sizeof(T); acc_size: sizeof(acc_t<T>) (the staged queries' type).
 inline const char* make_forward_tiling(const Problem& p, size_t elem_size, size_t smem_budget,
-                                       bool aligned16, ForwardTiling* t) {
+                                       bool aligned16, ForwardTiling* t,
+                                       size_t acc_size = sizeof(float)) {
   int max_len[kMaxAxes];
   for (int a = 0; a < kMaxAxes; ++a) {
     max_len[a] = group_length(p.length[a], p.dilation[a], 0);
@@ -321,9 +374,10 @@ inline const char* make_forward_tiling(const Problem& p, size_t elem_size, size_
   t->threads = ((tile_q * kLanes + 31) / 32) * 32;
   const int dim = p.head_dim;
   t->vec = (aligned16 && (static_cast<size_t>(dim) * elem_size) % 16 == 0) ? 1 : 0;
-  t->q_stride = dim + 4;
+  t->q_stride = dim + static_cast<int>(16 / acc_size);
   t->kv_stride = dim + static_cast<int>(16 / elem_size);
-  const size_t q_bytes = ((static_cast<size_t>(tile_q) * t->q_stride * 4 + 15) / 16) * 16;
+  const size_t q_bytes =
+      ((static_cast<size_t>(tile_q) * t->q_stride * acc_size + 15) / 16) * 16;
   const size_t line_bytes =
       ((static_cast<size_t>(t->union_max[2]) * t->kv_stride * elem_size + 15) / 16) * 16;
   const int lines = t->union_max[0] * t->union_max[1];
@@ -342,9 +396,10 @@ __global__ void __launch_bounds__(kLanes * kMaxTileQueries)
     na_fused_forward_kernel(Problem p, ForwardTiling t, const T* __restrict__ query,
                             const T* __restrict__ key, const T* __restrict__ value,
                             const T* __restrict__ rpb, T* __restrict__ out,
-                            float* __restrict__ lse) {
+                            acc_t<T>* __restrict__ lse) {
+  using A = acc_t<T>;
   MMBOAT_DYNAMIC_SMEM(smem);
-  float* q_s = reinterpret_cast<float*>(smem);
+  A* q_s = reinterpret_cast<A*>(smem);
   T* k_s = reinterpret_cast<T*>(smem + t.kv_offset);
   T* v_s = reinterpret_cast<T*>(smem + t.v_offset);
   const int dim = p.head_dim;
@@ -376,6 +431,7 @@ __global__ void __launch_bounds__(kLanes * kMaxTileQueries)
   const int tid = threadIdx.x;
   const int lane = tid % kLanes;
   const int tile_q = t.tile[0] * t.tile[1] * t.tile[2];
+  const A scale = scale_of<A>(p);
   const T* q_bh = query + bh * n_tok * dim;
   const T* k_bh = key + bh * n_tok * dim;
   const T* v_bh = value + bh * n_tok * dim;
@@ -399,14 +455,14 @@ __global__ void __launch_bounds__(kLanes * kMaxTileQueries)
           *reinterpret_cast<const int4*>(q_bh + token_index(p, inner, grp) * dim + c);
       const T* vals = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) q_s[row * t.q_stride + c + i] = to_f(vals[i]) * p.scale;
+      for (int i = 0; i < kVec; ++i) q_s[row * t.q_stride + c + i] = to_f(vals[i]) * scale;
     }
   } else {
     for (int e = tid; e < tile_q * dim; e += blockDim.x) {
       const int row = e / dim, c = e % dim;
       int inner[kMaxAxes];
       row_query(row, inner);
-      q_s[row * t.q_stride + c] = to_f(q_bh[token_index(p, inner, grp) * dim + c]) * p.scale;
+      q_s[row * t.q_stride + c] = to_f(q_bh[token_index(p, inner, grp) * dim + c]) * scale;
     }
   }
 
@@ -429,16 +485,16 @@ __global__ void __launch_bounds__(kLanes * kMaxTileQueries)
     wst[a] = wabs[a] - u0[a];
   }
   const int qrow = (loc[0] * t.tile[1] + loc[1]) * t.tile[2] + loc[2];
-  const float* my_q = q_s + qrow * t.q_stride;
+  const A* my_q = q_s + qrow * t.q_stride;
   const T* rpb_h = p.has_rpb ? rpb + (bh % p.heads) * p.rpb_size() : nullptr;
   const int n_lines = un[0] * un[1];
   const int64_t q_tok = token_index(p, qi, grp);
 
   for (int base = 0; base < dim; base += kLanes * DPL) {
-    float m = -INFINITY, l = 0.f;
-    float acc[DPL];
+    A m = -INFINITY, l = 0;
+    A acc[DPL];
 #pragma unroll
-    for (int j = 0; j < DPL; ++j) acc[j] = 0.f;
+    for (int j = 0; j < DPL; ++j) acc[j] = 0;
 
     for (int c0 = 0; c0 < n_lines; c0 += t.lines_per_chunk) {
       const int cl = imin(t.lines_per_chunk, n_lines - c0);
@@ -480,21 +536,21 @@ __global__ void __launch_bounds__(kLanes * kMaxTileQueries)
           for (int t2 = 0; t2 < wcnt[2]; ++t2) {
             const T* k_row = k_s + (row0 + t2) * t.kv_stride;
             const T* v_row = v_s + (row0 + t2) * t.kv_stride;
-            float s = 0.f;
+            A s = 0;
             for (int i = lane; i < dim; i += kLanes) s += my_q[i] * to_f(k_row[i]);
             s = group_sum(s);
             if (rpb_h) {
               const int kj[kMaxAxes] = {wabs[0] + t0, wabs[1] + t1, wabs[2] + t2};
               s += to_f(rpb_h[rpb_index(p, kj, qi)]);
             }
-            const float m_new = fmaxf(m, s);
-            const float corr = exp_f(m - m_new);
-            const float pr = exp_f(s - m_new);
+            const A m_new = max_f(m, s);
+            const A corr = exp_f(m - m_new);
+            const A pr = exp_f(s - m_new);
             l = l * corr + pr;
 #pragma unroll
             for (int j = 0; j < DPL; ++j) {
               const int c = base + lane + kLanes * j;
-              const float vv = c < dim ? to_f(v_row[c]) : 0.f;
+              const A vv = c < dim ? to_f(v_row[c]) : A(0);
               acc[j] = acc[j] * corr + pr * vv;
             }
             m = m_new;
@@ -503,14 +559,14 @@ __global__ void __launch_bounds__(kLanes * kMaxTileQueries)
       }
     }
     if (valid) {
-      const float inv_l = 1.f / l;
+      const A inv_l = A(1) / l;
       T* o = out + (bh * n_tok + q_tok) * dim;
 #pragma unroll
       for (int j = 0; j < DPL; ++j) {
         const int c = base + lane + kLanes * j;
         if (c < dim) o[c] = from_f<T>(acc[j] * inv_l);
       }
-      if (base == 0 && lane == 0) lse[bh * n_tok + q_tok] = m + logf(l);
+      if (base == 0 && lane == 0) lse[bh * n_tok + q_tok] = m + log_f(l);
     }
   }
 }
@@ -520,24 +576,27 @@ __global__ void __launch_bounds__(kLanes * kMaxTileQueries)
 // Grid: x over tokens (kItemsPerBlock per block), y over batch*head (grid-stride).
 // ============================================================================================
 
-// Block-local float32 rpb-gradient table: zeroed, filled with shared atomics, flushed with one
-// global atomic per non-zero entry. Falls back to global atomics when the table is too large.
+// Block-local rpb-gradient table (acc_t: float32, double for double): zeroed, filled with shared
+// atomics, flushed with one global atomic per non-zero entry. Falls back to global atomics when
+// the table is too large.
+template <typename A>
 struct RpbGradAccumulator {
-  float* table;  // shared or nullptr
-  float* global_head;
-  __device__ __forceinline__ void add(int idx, float v) {
+  A* table;  // shared or nullptr
+  A* global_head;
+  __device__ __forceinline__ void add(int idx, A v) {
     atomicAdd(table ? table + idx : global_head + idx, v);
   }
 };
 
-__device__ __forceinline__ void rpb_table_zero(float* table, int size) {
-  for (int i = threadIdx.x; i < size; i += blockDim.x) table[i] = 0.f;
+template <typename A>
+__device__ __forceinline__ void rpb_table_zero(A* table, int size) {
+  for (int i = threadIdx.x; i < size; i += blockDim.x) table[i] = 0;
 }
-__device__ __forceinline__ void rpb_table_flush(const float* table, float* global_head,
-                                                int size) {
+template <typename A>
+__device__ __forceinline__ void rpb_table_flush(const A* table, A* global_head, int size) {
   for (int i = threadIdx.x; i < size; i += blockDim.x) {
-    const float v = table[i];
-    if (v != 0.f) atomicAdd(global_head + i, v);
+    const A v = table[i];
+    if (v != 0) atomicAdd(global_head + i, v);
   }
 }
 
@@ -547,10 +606,12 @@ __global__ void __launch_bounds__(kSimpleThreads)
     na_fused_backward_dq_kernel(Problem p, const T* __restrict__ query, const T* __restrict__ key,
                                 const T* __restrict__ value, const T* __restrict__ rpb,
                                 const T* __restrict__ out, const T* __restrict__ grad_out,
-                                const float* __restrict__ lse, float* __restrict__ delta,
-                                T* __restrict__ grad_query, float* __restrict__ grad_rpb,
+                                const acc_t<T>* __restrict__ lse, acc_t<T>* __restrict__ delta,
+                                T* __restrict__ grad_query, acc_t<T>* __restrict__ grad_rpb,
                                 int rpb_in_smem) {
+  using A = acc_t<T>;
   MMBOAT_DYNAMIC_SMEM(smem);
+  const A scale = scale_of<A>(p);
   const int dim = p.head_dim;
   const int64_t n_tok = p.tokens();
   const int lane = threadIdx.x % kLanes;
@@ -558,9 +619,9 @@ __global__ void __launch_bounds__(kSimpleThreads)
   const int rsize = p.rpb_size();
   for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
     const int head = static_cast<int>(bh % p.heads);
-    RpbGradAccumulator acc_rpb{nullptr, grad_rpb ? grad_rpb + head * rsize : nullptr};
+    RpbGradAccumulator<A> acc_rpb{nullptr, grad_rpb ? grad_rpb + head * rsize : nullptr};
     if (grad_rpb && rpb_in_smem) {
-      acc_rpb.table = reinterpret_cast<float*>(smem);
+      acc_rpb.table = reinterpret_cast<A*>(smem);
       rpb_table_zero(acc_rpb.table, rsize);
       __syncthreads();
     }
@@ -571,29 +632,29 @@ __global__ void __launch_bounds__(kSimpleThreads)
       const int64_t row = bh * n_tok + n;
       const T* q = query + row * dim;
       const T* dout = grad_out + row * dim;
-      const float dl = group_dot(dout, out + row * dim, dim, lane);
+      const A dl = group_dot(dout, out + row * dim, dim, lane);
       if (lane == 0) delta[row] = dl;
-      const float lse_q = lse[row];
+      const A lse_q = lse[row];
       const T* rpb_h = p.has_rpb ? rpb + head * rsize : nullptr;
       for (int base = 0; base < dim; base += kLanes * DPL) {
-        float acc[DPL];
+        A acc[DPL];
 #pragma unroll
-        for (int j = 0; j < DPL; ++j) acc[j] = 0.f;
+        for (int j = 0; j < DPL; ++j) acc[j] = 0;
         for (int t0 = 0; t0 < w.count[0]; ++t0)
           for (int t1 = 0; t1 < w.count[1]; ++t1)
             for (int t2 = 0; t2 < w.count[2]; ++t2) {
               const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
               const int64_t krow = bh * n_tok + token_index(p, kj, w.group);
               const T* k = key + krow * dim;
-              float s = group_dot(q, k, dim, lane) * p.scale;
+              A s = group_dot(q, k, dim, lane) * scale;
               int ridx = 0;
               if (rpb_h) {
                 ridx = rpb_index(p, kj, w.inner);
                 s += to_f(rpb_h[ridx]);
               }
-              const float pr = exp_f(s - lse_q);
-              const float dp = group_dot(dout, value + krow * dim, dim, lane);
-              const float ds = pr * (dp - dl);
+              const A pr = exp_f(s - lse_q);
+              const A dp = group_dot(dout, value + krow * dim, dim, lane);
+              const A ds = pr * (dp - dl);
 #pragma unroll
               for (int j = 0; j < DPL; ++j) {
                 const int c = base + lane + kLanes * j;
@@ -605,7 +666,7 @@ __global__ void __launch_bounds__(kSimpleThreads)
 #pragma unroll
         for (int j = 0; j < DPL; ++j) {
           const int c = base + lane + kLanes * j;
-          if (c < dim) dq[c] = from_f<T>(acc[j] * p.scale);
+          if (c < dim) dq[c] = from_f<T>(acc[j] * scale);
         }
       }
     }
@@ -623,8 +684,11 @@ __global__ void __launch_bounds__(kSimpleThreads)
     na_fused_backward_dkdv_kernel(Problem p, const T* __restrict__ query,
                                   const T* __restrict__ key, const T* __restrict__ value,
                                   const T* __restrict__ rpb, const T* __restrict__ grad_out,
-                                  const float* __restrict__ lse, const float* __restrict__ delta,
-                                  T* __restrict__ grad_key, T* __restrict__ grad_value) {
+                                  const acc_t<T>* __restrict__ lse,
+                                  const acc_t<T>* __restrict__ delta, T* __restrict__ grad_key,
+                                  T* __restrict__ grad_value) {
+  using A = acc_t<T>;
+  const A scale = scale_of<A>(p);
   const int dim = p.head_dim;
   const int64_t n_tok = p.tokens();
   const int lane = threadIdx.x % kLanes;
@@ -646,9 +710,9 @@ __global__ void __launch_bounds__(kSimpleThreads)
     const T* k = key + krow * dim;
     const T* v = value + krow * dim;
     for (int base = 0; base < dim; base += kLanes * DPL) {
-      float dk[DPL], dv[DPL];
+      A dk[DPL], dv[DPL];
 #pragma unroll
-      for (int j = 0; j < DPL; ++j) dk[j] = dv[j] = 0.f;
+      for (int j = 0; j < DPL; ++j) dk[j] = dv[j] = 0;
       int qi[kMaxAxes];
       for (qi[0] = lo[0]; qi[0] <= hi[0]; ++qi[0])
         for (qi[1] = lo[1]; qi[1] <= hi[1]; ++qi[1])
@@ -665,11 +729,11 @@ __global__ void __launch_bounds__(kSimpleThreads)
             const int64_t qrow = bh * n_tok + token_index(p, qi, grp);
             const T* q = query + qrow * dim;
             const T* dout = grad_out + qrow * dim;
-            float s = group_dot(q, k, dim, lane) * p.scale;
+            A s = group_dot(q, k, dim, lane) * scale;
             if (rpb_h) s += to_f(rpb_h[rpb_index(p, kj, qi)]);
-            const float pr = exp_f(s - lse[qrow]);
-            const float dp = group_dot(dout, v, dim, lane);
-            const float ds = pr * (dp - delta[qrow]);
+            const A pr = exp_f(s - lse[qrow]);
+            const A dp = group_dot(dout, v, dim, lane);
+            const A ds = pr * (dp - delta[qrow]);
 #pragma unroll
             for (int j = 0; j < DPL; ++j) {
               const int c = base + lane + kLanes * j;
@@ -683,7 +747,7 @@ __global__ void __launch_bounds__(kSimpleThreads)
       for (int j = 0; j < DPL; ++j) {
         const int c = base + lane + kLanes * j;
         if (c < dim) {
-          grad_key[krow * dim + c] = from_f<T>(dk[j] * p.scale);
+          grad_key[krow * dim + c] = from_f<T>(dk[j] * scale);
           grad_value[krow * dim + c] = from_f<T>(dv[j]);
         }
       }
@@ -721,19 +785,20 @@ __global__ void __launch_bounds__(kSimpleThreads)
           }
           const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
           const int64_t krow = bh * n_tok + token_index(p, kj, w.group);
-          float s = group_dot(q, key + krow * dim, dim, lane);
+          acc_t<T> s = group_dot(q, key + krow * dim, dim, lane);
           if (rpb_h) s += to_f(rpb_h[rpb_index(p, kj, w.inner)]);
           if (lane == 0) a_row[slot] = from_f<T>(s);
         }
   }
 }
 
-// grad_query = sum_slot grad_attn * k; grad_rpb[idx] += grad_attn (float32 table).
+// grad_query = sum_slot grad_attn * k; grad_rpb[idx] += grad_attn (acc_t table).
 template <typename T, int DPL>
 __global__ void __launch_bounds__(kSimpleThreads)
     na_qk_backward_dq_kernel(Problem p, const T* __restrict__ grad_attn,
                              const T* __restrict__ key, T* __restrict__ grad_query,
-                             float* __restrict__ grad_rpb, int rpb_in_smem) {
+                             acc_t<T>* __restrict__ grad_rpb, int rpb_in_smem) {
+  using A = acc_t<T>;
   MMBOAT_DYNAMIC_SMEM(smem);
   const int dim = p.head_dim;
   const int64_t n_tok = p.tokens();
@@ -743,9 +808,9 @@ __global__ void __launch_bounds__(kSimpleThreads)
   const int ksize = p.window_size();
   for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
     const int head = static_cast<int>(bh % p.heads);
-    RpbGradAccumulator acc_rpb{nullptr, grad_rpb ? grad_rpb + head * rsize : nullptr};
+    RpbGradAccumulator<A> acc_rpb{nullptr, grad_rpb ? grad_rpb + head * rsize : nullptr};
     if (grad_rpb && rpb_in_smem) {
-      acc_rpb.table = reinterpret_cast<float*>(smem);
+      acc_rpb.table = reinterpret_cast<A*>(smem);
       rpb_table_zero(acc_rpb.table, rsize);
       __syncthreads();
     }
@@ -756,14 +821,14 @@ __global__ void __launch_bounds__(kSimpleThreads)
       const int64_t row = bh * n_tok + n;
       const T* ga = grad_attn + row * ksize;
       for (int base = 0; base < dim; base += kLanes * DPL) {
-        float acc[DPL];
+        A acc[DPL];
 #pragma unroll
-        for (int j = 0; j < DPL; ++j) acc[j] = 0.f;
+        for (int j = 0; j < DPL; ++j) acc[j] = 0;
         for (int t0 = 0; t0 < w.count[0]; ++t0)
           for (int t1 = 0; t1 < w.count[1]; ++t1)
             for (int t2 = 0; t2 < w.count[2]; ++t2) {
               const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
-              const float g = to_f(ga[(t0 * p.kernel[1] + t1) * p.kernel[2] + t2]);
+              const A g = to_f(ga[(t0 * p.kernel[1] + t1) * p.kernel[2] + t2]);
               const T* k = key + (bh * n_tok + token_index(p, kj, w.group)) * dim;
 #pragma unroll
               for (int j = 0; j < DPL; ++j) {
@@ -833,11 +898,11 @@ __global__ void __launch_bounds__(kSimpleThreads)
   for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
     const int64_t krow = bh * n_tok + n;
     for (int base = 0; base < dim; base += kLanes * DPL) {
-      float acc[DPL];
+      acc_t<T> acc[DPL];
 #pragma unroll
-      for (int j = 0; j < DPL; ++j) acc[j] = 0.f;
+      for (int j = 0; j < DPL; ++j) acc[j] = 0;
       for_each_inverse_query(p, bh, n_tok, pos, [&](int64_t qrow, int slot) {
-        const float g = to_f(grad_attn[qrow * ksize + slot]);
+        const acc_t<T> g = to_f(grad_attn[qrow * ksize + slot]);
         const T* q = query + qrow * dim;
 #pragma unroll
         for (int j = 0; j < DPL; ++j) {
@@ -873,14 +938,14 @@ __global__ void __launch_bounds__(kSimpleThreads)
     const int64_t row = bh * n_tok + n;
     const T* a_row = attn + row * ksize;
     for (int base = 0; base < dim; base += kLanes * DPL) {
-      float acc[DPL];
+      acc_t<T> acc[DPL];
 #pragma unroll
-      for (int j = 0; j < DPL; ++j) acc[j] = 0.f;
+      for (int j = 0; j < DPL; ++j) acc[j] = 0;
       for (int t0 = 0; t0 < w.count[0]; ++t0)
         for (int t1 = 0; t1 < w.count[1]; ++t1)
           for (int t2 = 0; t2 < w.count[2]; ++t2) {
             const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
-            const float a = to_f(a_row[(t0 * p.kernel[1] + t1) * p.kernel[2] + t2]);
+            const acc_t<T> a = to_f(a_row[(t0 * p.kernel[1] + t1) * p.kernel[2] + t2]);
             const T* v = value + (bh * n_tok + token_index(p, kj, w.group)) * dim;
 #pragma unroll
             for (int j = 0; j < DPL; ++j) {
@@ -924,7 +989,7 @@ __global__ void __launch_bounds__(kSimpleThreads)
             continue;
           }
           const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
-          const float s =
+          const acc_t<T> s =
               group_dot(dout, value + (bh * n_tok + token_index(p, kj, w.group)) * dim, dim, lane);
           if (lane == 0) ga[slot] = from_f<T>(s);
         }
@@ -947,11 +1012,11 @@ __global__ void __launch_bounds__(kSimpleThreads)
   for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
     const int64_t vrow = bh * n_tok + n;
     for (int base = 0; base < dim; base += kLanes * DPL) {
-      float acc[DPL];
+      acc_t<T> acc[DPL];
 #pragma unroll
-      for (int j = 0; j < DPL; ++j) acc[j] = 0.f;
+      for (int j = 0; j < DPL; ++j) acc[j] = 0;
       for_each_inverse_query(p, bh, n_tok, pos, [&](int64_t qrow, int slot) {
-        const float a = to_f(attn[qrow * ksize + slot]);
+        const acc_t<T> a = to_f(attn[qrow * ksize + slot]);
         const T* dout = grad_out + qrow * dim;
 #pragma unroll
         for (int j = 0; j < DPL; ++j) {
@@ -1002,13 +1067,15 @@ inline const char* check_simple_grid(const Problem& p) {
 
 template <typename T>
 const char* launch_fused_forward(const Problem& p, const T* query, const T* key, const T* value,
-                                 const T* rpb, T* out, float* lse, size_t smem_budget,
+                                 const T* rpb, T* out, acc_t<T>* lse, size_t smem_budget,
                                  cudaStream_t stream) {
   const bool aligned = (reinterpret_cast<uintptr_t>(query) % 16 == 0) &&
                        (reinterpret_cast<uintptr_t>(key) % 16 == 0) &&
                        (reinterpret_cast<uintptr_t>(value) % 16 == 0);
   ForwardTiling t;
-  if (const char* err = make_forward_tiling(p, sizeof(T), smem_budget, aligned, &t)) return err;
+  if (const char* err =
+          make_forward_tiling(p, sizeof(T), smem_budget, aligned, &t, sizeof(acc_t<T>)))
+    return err;
   MMBOAT_NA_DISPATCH_DPL(p.head_dim, {
     auto kernel = &na_fused_forward_kernel<T, kDPL>;
     if (t.smem_bytes > 48 * 1024)
@@ -1020,23 +1087,25 @@ const char* launch_fused_forward(const Problem& p, const T* query, const T* key,
   return nullptr;
 }
 
-// grad_rpb: float32 [heads, rpb_size] zero-filled scratch or nullptr; delta: float32 [B*heads*N].
+// lse: acc_t<T> [B*heads*N]; grad_rpb: acc_t<T> [heads, rpb_size] zero-filled scratch or
+// nullptr; delta: acc_t<T> [B*heads*N] scratch. (acc_t: float32, double for double.)
 template <typename T>
 const char* launch_fused_backward(const Problem& p, const T* grad_out, const T* query,
                                   const T* key, const T* value, const T* rpb, const T* out,
-                                  const float* lse, float* delta, T* grad_query, T* grad_key,
-                                  T* grad_value, float* grad_rpb, cudaStream_t stream) {
+                                  const acc_t<T>* lse, acc_t<T>* delta, T* grad_query,
+                                  T* grad_key, T* grad_value, acc_t<T>* grad_rpb,
+                                  cudaStream_t stream) {
   if (const char* err = check_simple_grid(p)) return err;
   const dim3 grid = simple_grid(p);
   const int smem_rpb = (grad_rpb && p.rpb_size() <= kMaxSmemRpbEntries) ? 1 : 0;
-  const size_t smem = smem_rpb ? p.rpb_size() * sizeof(float) : 0;
+  const size_t smem = smem_rpb ? p.rpb_size() * sizeof(acc_t<T>) : 0;
   MMBOAT_NA_DISPATCH_DPL(p.head_dim, {
     auto k1 = &na_fused_backward_dq_kernel<T, kDPL>;
     MMBOAT_LAUNCH(k1, grid, dim3(kSimpleThreads), smem, stream, p, query, key, value, rpb, out,
                   grad_out, lse, delta, grad_query, grad_rpb, smem_rpb);
     auto k2 = &na_fused_backward_dkdv_kernel<T, kDPL>;
     MMBOAT_LAUNCH(k2, grid, dim3(kSimpleThreads), 0, stream, p, query, key, value, rpb, grad_out,
-                  lse, static_cast<const float*>(delta), grad_key, grad_value);
+                  lse, static_cast<const acc_t<T>*>(delta), grad_key, grad_value);
   });
   return nullptr;
 }
@@ -1054,12 +1123,12 @@ const char* launch_qk(const Problem& p, const T* query, const T* key, const T* r
 
 template <typename T>
 const char* launch_qk_backward(const Problem& p, const T* grad_attn, const T* query,
-                               const T* key, T* grad_query, T* grad_key, float* grad_rpb,
-                               cudaStream_t stream) {
+                               const T* key, T* grad_query, T* grad_key,
+                               acc_t<T>* grad_rpb, cudaStream_t stream) {
   if (const char* err = check_simple_grid(p)) return err;
   const dim3 grid = simple_grid(p);
   const int smem_rpb = (grad_rpb && p.rpb_size() <= kMaxSmemRpbEntries) ? 1 : 0;
-  const size_t smem = smem_rpb ? p.rpb_size() * sizeof(float) : 0;
+  const size_t smem = smem_rpb ? p.rpb_size() * sizeof(acc_t<T>) : 0;
   MMBOAT_NA_DISPATCH_DPL(p.head_dim, {
     auto k1 = &na_qk_backward_dq_kernel<T, kDPL>;
     MMBOAT_LAUNCH(k1, grid, dim3(kSimpleThreads), smem, stream, p, grad_attn, key, grad_query,

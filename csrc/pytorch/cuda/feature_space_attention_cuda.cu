@@ -2,12 +2,20 @@
 // the torch-free templates of csrc/common/cuda/feature_space_attention_kernels.cuh.
 //
 // CUDA specifics: bhc_cluster takes any floating dtype and computes in float32 (as on CPU).
-// clustered_attention_* take float32, float16 and bfloat16 (float32 accumulation; float64 runs
-// on CPU only), so the dtype check here replaces the shared float32/float64 one; every other
-// check mirrors csrc/pytorch/feature_space_attention.cpp. logsumexp has query's dtype (as the
-// schema's fake kernel says); the backward recomputes the softmax normaliser from the logits, so
-// a float16/bfloat16 logsumexp costs no gradient precision. perm is checked to be a permutation
+// clustered_attention_* take float32, float16 and bfloat16 (float32 accumulation) and float64
+// (float64 accumulation, as on CPU: float64 gradcheck runs on a GPU), so the dtype check here
+// replaces the shared float32/float64 one; every other check mirrors
+// csrc/pytorch/feature_space_attention.cpp. logsumexp has query's dtype (as the schema's fake
+// kernel says); the backward recomputes the softmax normaliser from the logits, so a
+// float16/bfloat16 logsumexp costs no gradient precision. perm is checked to be a permutation
 // per row on the device (one sort and a host sync), since a bad perm would read out of bounds.
+//
+// nvcc in C++20 mode reads `module` in torch's C++ API headers (torch/python.h, pulled in by
+// torch/extension.h) as the C++20 keyword and warns (#3189-D) dozens of times; harmless, silenced
+// for the torch headers only so that warnings about our own code stand out.
+#if defined(__NVCC__)
+#pragma nv_diag_suppress 3189
+#endif
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -20,6 +28,9 @@
 #include "checks.h"
 #include "cuda/feature_space_attention_kernels.cuh"
 #include "feature_space_attention.h"
+#if defined(__NVCC__)
+#pragma nv_diag_default 3189
+#endif
 
 namespace mmboat {
 namespace fsla {
@@ -42,6 +53,9 @@ void dispatch_cuda_type(at::ScalarType st, const char* op, F&& f) {
   switch (st) {
     case at::kFloat:
       f(static_cast<float*>(nullptr));
+      break;
+    case at::kDouble:
+      f(static_cast<double*>(nullptr));
       break;
     case at::kHalf:
       f(static_cast<__half*>(nullptr));
@@ -82,9 +96,8 @@ void check_cuda_attention_inputs(const char* op, const at::Tensor& query, const 
   TORCH_CHECK(query.device().is_cuda(), op, ": query must be a CUDA tensor, got ",
               query.device());
   const auto st = query.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-              ": query must be float32, float16 or bfloat16 on CUDA, got ", st,
-              " (float64 is supported on CPU only)");
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              op, ": query must be float32, float64, float16 or bfloat16 on CUDA, got ", st);
   TORCH_CHECK(query.dim() == 4, op, ": query must have 4 dimensions [B, heads, N, d], got shape ",
               query.sizes());
   TORCH_CHECK(query.size(2) >= 1 && query.size(3) >= 1, op,
@@ -121,7 +134,7 @@ void check_permutation(const at::Tensor& perm, const char* op) {
 kern::AttnProblem to_problem(const at::Tensor& query, int64_t cluster_size, int64_t overlap,
                              double scale) {
   return kern::make_attn_problem(query.size(0) * query.size(1), query.size(2), query.size(3),
-                                 cluster_size, overlap, static_cast<float>(scale));
+                                 cluster_size, overlap, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> bhc_cluster_cuda(const at::Tensor& x_in, int64_t cluster_size,
@@ -189,22 +202,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clustered_attention_backward_cuda
   const c10::cuda::CUDAGuard guard(query.device());
   check_permutation(perm, op);
   at::Tensor grad_q = at::empty_like(query);
-  const bool is_float = query.scalar_type() == at::kFloat;
-  const auto acc_opts = query.options().dtype(at::kFloat);
+  // Accumulation dtype: float32, float64 for float64; when it is query's dtype the kernels
+  // accumulate straight into grad_k / grad_v.
+  const auto acc_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool in_place = query.scalar_type() == acc_dtype;
+  const auto acc_opts = query.options().dtype(acc_dtype);
   at::Tensor gk_acc = at::zeros(query.sizes(), acc_opts);
   at::Tensor gv_acc = at::zeros(query.sizes(), acc_opts);
-  at::Tensor grad_k = is_float ? gk_acc : at::empty_like(key);
-  at::Tensor grad_v = is_float ? gv_acc : at::empty_like(value);
+  at::Tensor grad_k = in_place ? gk_acc : at::empty_like(key);
+  at::Tensor grad_v = in_place ? gv_acc : at::empty_like(value);
   if (query.numel() == 0) return {grad_q, grad_k, grad_v};
   const kern::AttnProblem p = to_problem(query, cluster_size, overlap, scale);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const size_t limit = smem_optin(query);
   dispatch_cuda_type(query.scalar_type(), op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
+    using A = kern::acc_t<T>;
     const char* err = kern::launch_attention_backward<T>(
         p, ptr<T>(grad_out), ptr<T>(query), ptr<T>(key), ptr<T>(value), ptr<T>(out),
-        perm.data_ptr<int64_t>(), ptr<T>(grad_q), gk_acc.data_ptr<float>(),
-        gv_acc.data_ptr<float>(), ptr<T>(grad_k), ptr<T>(grad_v), limit, stream);
+        perm.data_ptr<int64_t>(), ptr<T>(grad_q), ptr<A>(gk_acc), ptr<A>(gv_acc), ptr<T>(grad_k),
+        ptr<T>(grad_v), limit, stream);
     check_launch(err, op);
   });
   return {grad_q, grad_k, grad_v};

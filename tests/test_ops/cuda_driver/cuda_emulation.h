@@ -39,7 +39,7 @@ namespace mmboat_emu {
 
 struct Block {
   std::unique_ptr<std::barrier<>> bar;
-  std::vector<float> shfl;
+  std::vector<double> shfl;
   std::mutex mu;
   std::map<std::pair<int, unsigned>, std::unique_ptr<std::barrier<>>> groups;
   std::vector<unsigned char> smem;
@@ -55,7 +55,8 @@ inline std::mutex g_atomic_mu;
 
 inline unsigned char* dynamic_smem() { return g_block->smem_ptr; }
 
-inline float shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+template <typename V>
+inline V shfl_xor_sync(unsigned mask, V v, int lane_mask) {
   const int tid = static_cast<int>(t_thread.x);
   const int lane = tid & 31, warp = tid >> 5, src = lane ^ lane_mask;
   if (!((mask >> lane) & 1u) || !((mask >> src) & 1u)) {
@@ -71,7 +72,7 @@ inline float shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   }
   g_block->shfl[tid] = v;
   b->arrive_and_wait();
-  const float r = g_block->shfl[warp * 32 + src];
+  const V r = static_cast<V>(g_block->shfl[warp * 32 + src]);
   b->arrive_and_wait();
   return r;
 }
@@ -109,7 +110,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args..
       for (unsigned x = 0; x < grid.x; ++x) {
         Block blk;
         blk.bar = std::make_unique<std::barrier<>>(nthreads);
-        blk.shfl.assign(nthreads, 0.f);
+        blk.shfl.assign(nthreads, 0.0);
         blk.smem.assign(smem + 16, 0xFF);
         blk.smem_ptr = blk.smem.data() + (16 - reinterpret_cast<uintptr_t>(blk.smem.data()) % 16);
         g_block = &blk;
@@ -130,6 +131,12 @@ inline void __syncthreads() { mmboat_emu::g_block->bar->arrive_and_wait(); }
 inline float atomicAdd(float* address, float v) {
   std::lock_guard<std::mutex> lock(mmboat_emu::g_atomic_mu);
   const float old = *address;
+  *address = old + v;
+  return old;
+}
+inline double atomicAdd(double* address, double v) {
+  std::lock_guard<std::mutex> lock(mmboat_emu::g_atomic_mu);
+  const double old = *address;
   *address = old + v;
   return old;
 }

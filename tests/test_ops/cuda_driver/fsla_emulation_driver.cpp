@@ -134,7 +134,7 @@ static void check_cluster(int64_t rows, int64_t n, int64_t d, int64_t m, std::mt
 }
 
 template <typename T>
-static float to_f(T v) {
+static double to_f(T v) {
   return fs::Elem<T>::load(v);
 }
 
@@ -158,7 +158,7 @@ static void check_attention(const char* name, int64_t rows, int64_t n, int64_t d
   const fs::AttnProblem p = fs::make_attn_problem(rows, n, d, m, o, scale);
   const char* err = fs::launch_attention_forward<T>(p, q.data(), k.data(), v.data(), perm.data(),
                                                     out.data(), lse.data(), 227 * 1024, nullptr);
-  std::vector<float> gk_acc(total, 0.f), gv_acc(total, 0.f);
+  std::vector<fs::acc_t<T>> gk_acc(total, 0.f), gv_acc(total, 0.f);
   if (!err)
     err = fs::launch_attention_backward<T>(p, go.data(), q.data(), k.data(), v.data(),
                                            out.data(), perm.data(), gq.data(), gk_acc.data(),
@@ -257,6 +257,7 @@ int main() {
     check_attention<float>("float", 2, c[0], c[1], c[2], c[3], 1e-4, rng);
     check_attention<__half>("half", 1, c[0], c[1], c[2], c[3], 2e-2, rng);
     check_attention<__nv_bfloat16>("bfloat16", 1, c[0], c[1], c[2], c[3], 1e-1, rng);
+    check_attention<double>("double", 2, c[0], c[1], c[2], c[3], 1e-12, rng);
   }
   std::printf(g_failures ? "FAILURES: %d\n" : "ALL OK\n", g_failures);
   return g_failures ? 1 : 0;

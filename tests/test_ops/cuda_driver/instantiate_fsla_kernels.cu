@@ -1,5 +1,5 @@
 // Torch-free compile check: instantiates every FSLA kernel template of
-// csrc/common/cuda/feature_space_attention_kernels.cuh for float, half and bfloat16, so
+// csrc/common/cuda/feature_space_attention_kernels.cuh for float, half, bfloat16 and double, so
 // `nvcc -c` compiles them all. Compiled (never run) by tests/test_ops/test_fsla_cuda_compile.py.
 #include "cuda/feature_space_attention_kernels.cuh"
 
@@ -12,8 +12,9 @@ const char* instantiate_cluster(const float* x, float* fs_scratch, void* keys, i
 }
 
 template <typename T>
-const char* instantiate_attention(T* a, T* b, T* c, T* d, T* e, T* f, T* g, T* h, float* gk,
-                                  float* gv, const int64_t* perm, cudaStream_t stream) {
+const char* instantiate_attention(T* a, T* b, T* c, T* d, T* e, T* f, T* g, T* h,
+                                  fs::acc_t<T>* gk, fs::acc_t<T>* gv, const int64_t* perm,
+                                  cudaStream_t stream) {
   const fs::AttnProblem p = fs::make_attn_problem(4, 200, 32, 49, 20, 0.17f);
   const char* err = fs::launch_attention_forward<T>(p, a, b, c, perm, d, e, 227 * 1024, stream);
   if (!err)
@@ -32,3 +33,6 @@ template const char* instantiate_attention<__nv_bfloat16>(
     __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*,
     __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*, float*, float*, const int64_t*,
     cudaStream_t);
+template const char* instantiate_attention<double>(double*, double*, double*, double*, double*,
+                                                   double*, double*, double*, double*, double*,
+                                                   const int64_t*, cudaStream_t);

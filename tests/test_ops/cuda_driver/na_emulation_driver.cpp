@@ -241,10 +241,12 @@ static void run_config(const Config& c, Tol tol, const char* dtype, uint32_t see
 
   std::vector<T> out(elems, na::from_f<T>(NAN)), dq(elems, na::from_f<T>(NAN)),
       dk(elems, na::from_f<T>(NAN)), dv(elems, na::from_f<T>(NAN));
-  std::vector<float> lse(bh * n, NAN), delta(bh * n, NAN), drpb(rpb.size(), 0.f);
+  std::vector<na::acc_t<T>> lse(bh * n, NAN), delta(bh * n, NAN), drpb(rpb.size(), 0.f);
   const T* rpb_ptr = c.rpb ? rpb.data() : nullptr;
+  // double stages its queries in double: twice the float budget (the chunked case still chunks).
+  const size_t smem_budget = c.smem_budget * (sizeof(na::acc_t<T>) / sizeof(float));
   const char* err = na::launch_fused_forward<T>(p, q.data(), k.data(), v.data(), rpb_ptr,
-                                                out.data(), lse.data(), c.smem_budget, nullptr);
+                                                out.data(), lse.data(), smem_budget, nullptr);
   if (err) {
     std::printf("FAIL forward launch: %s (%s)\n", err, tag.c_str());
     ++g_failures;
@@ -290,7 +292,7 @@ static void run_config(const Config& c, Tol tol, const char* dtype, uint32_t see
   std::vector<T> qk(bh * n * W, na::from_f<T>(NAN)), av(elems, na::from_f<T>(NAN)),
       av_dattn(bh * n * W, na::from_f<T>(NAN)), av_dv(elems, na::from_f<T>(NAN)),
       qk_dq(elems, na::from_f<T>(NAN)), qk_dk(elems, na::from_f<T>(NAN));
-  std::vector<float> qk_drpb(rpb.size(), 0.f);
+  std::vector<na::acc_t<T>> qk_drpb(rpb.size(), 0.f);
   na::launch_qk<T>(p, q.data(), k.data(), rpb_ptr, qk.data(), nullptr);
   compare("qk", tag, qk, qk_r, tol);
   na::launch_qk_backward<T>(p, gattn_in.data(), q.data(), k.data(), qk_dq.data(), qk_dk.data(),
@@ -335,6 +337,7 @@ int main(int argc, char** argv) {
     run_config<float>(c, Tol{2e-5, 2e-4}, "float", seed++);
     run_config<__half>(c, Tol{4e-3, 1e-2}, "half", seed++);
     run_config<__nv_bfloat16>(c, Tol{3e-2, 4e-2}, "bf16", seed++);
+    run_config<double>(c, Tol{1e-13, 1e-12}, "double", seed++);
   }
   if (g_failures) {
     std::printf("%d FAILURES\n", g_failures);
