@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from tool_helpers import DET_CONFIG, ROOT, SEG_CONFIG, TOOLS, synthetic, tiny_seg_options
+from tool_helpers import (DET_CONFIG, ROOT, SEG_CONFIG, TOOLS, synthetic, tiny_det_options,
+                          tiny_seg_options)
 
 from mmboat._startup import PTH_NAME
 
@@ -134,14 +135,7 @@ def test_mmpretrain_own_tools_and_inferencer(tmp_path):
 def test_mmdet_own_train_tool_and_inferencer(tmp_path):
     data = str(tmp_path / 'synthdet') + '/'
     synthetic().make_det_dataset(data, num_train=4, num_val=2, size=64, seed=2)
-    ann = data + 'annotations/instances_val.json'
-    opts = [f'{loader}.dataset.data_root={data}'
-            for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
-    opts += [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}',
-             'model.backbone.arch.embed_dims=16', 'model.backbone.arch.depths=[1,1,1,1]',
-             'model.backbone.arch.num_heads=[1,2,2,4]', 'model.neck.in_channels=[32,64,128]',
-             'train_dataloader.batch_size=2', 'train_cfg.max_iters=2', 'train_cfg.val_interval=2',
-             'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1']
+    opts = tiny_det_options(data)
     work_dir = str(tmp_path / 'work')
     run = _script([_downstream_tool('mmdet', 'train.py'), DET_CONFIG, '--work-dir', work_dir,
                    '--cfg-options'] + opts, cwd=str(tmp_path))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from tool_helpers import (DET_CONFIG, ROOT, SEG_CONFIG, load_tool, run_script, synthetic,
-                          tiny_seg_options)
+                          tiny_det_options, tiny_seg_options)
 
 train_tool = load_tool('train.py')
 test_tool = load_tool('test.py')
@@ -207,18 +207,7 @@ def test_cpu_ddp_wrapper_config():
 def test_det_config_train_and_test(tmp_path):
     root = str(tmp_path / 'synthdet') + '/'
     synthetic().make_det_dataset(root, num_train=6, num_val=3, size=64, seed=2)
-    ann = root + 'annotations/instances_val.json'
-    opts = [f'{loader}.dataset.data_root={root}'
-            for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
-    opts += [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}',
-             'model.backbone.arch.embed_dims=16', 'model.backbone.arch.depths=[1,1,1,1]',
-             'model.backbone.arch.num_heads=[1,2,2,4]', 'model.neck.in_channels=[32,64,128]',
-             'model.neck.out_channels=16', 'model.bbox_head.in_channels=16',
-             'model.bbox_head.feat_channels=16', 'model.bbox_head.norm_cfg.num_groups=4',
-             'train_dataloader.batch_size=2', 'train_cfg.max_iters=2', 'train_cfg.val_interval=2',
-             'param_scheduler.0.end=1', 'param_scheduler.1.end=2',
-             'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
-             'model.test_cfg.score_thr=0.0']  # untrained: keep low-score boxes
+    opts = tiny_det_options(root)
     work_dir = str(tmp_path / 'work')
     train_tool.main([DET_CONFIG, '--work-dir', work_dir, '--cfg-options'] + opts)
     ckpt = osp.join(work_dir, 'iter_2.pth')

@@ -52,6 +52,24 @@ def tiny_seg_options(data_root: str, iters: int = 2, batch: int = 2) -> List[str
     return opts
 
 
+def tiny_det_options(data_root: str) -> List[str]:
+    """``--cfg-options`` turning the demo RetinaNet config into a 2-iteration run on the
+    synthetic COCO-json set at ``data_root`` (ending in ``/``)."""
+    ann = data_root + 'annotations/instances_val.json'
+    opts = [f'{loader}.dataset.data_root={data_root}'
+            for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
+    opts += [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}',
+             'model.backbone.arch.embed_dims=16', 'model.backbone.arch.depths=[1,1,1,1]',
+             'model.backbone.arch.num_heads=[1,2,2,4]', 'model.neck.in_channels=[32,64,128]',
+             'model.neck.out_channels=16', 'model.bbox_head.in_channels=16',
+             'model.bbox_head.feat_channels=16', 'model.bbox_head.norm_cfg.num_groups=4',
+             'train_dataloader.batch_size=2', 'train_cfg.max_iters=2', 'train_cfg.val_interval=2',
+             'param_scheduler.0.end=1', 'param_scheduler.1.end=2',
+             'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
+             'model.test_cfg.score_thr=0.0']  # untrained: keep low-score boxes
+    return opts
+
+
 def run_script(argv: List[str], env: Optional[Dict[str, str]] = None, timeout: int = 600,
                cwd: str = ROOT) -> subprocess.CompletedProcess:
     """Run ``argv`` (a python script or a shell script) with the repo on PYTHONPATH."""
