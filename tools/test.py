@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmboat.engine.runner_setup import (  # noqa: E402,F401  (re-exported for the tests)
-    build_runner, load_config, parse_with_launcher_args, prepare_environment,
+    build_runner, check_checkpoint, load_config, parse_with_launcher_args, prepare_environment,
     register_downstream, register_modules, release_distributed, setup_cpu_ddp)
 
 
@@ -78,6 +78,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
             dump_file = args.out
 
     runner = build_runner(cfg)
+    check_checkpoint(runner, args.checkpoint, args.allow_partial_checkpoint)
     if dump_file is not None:
         if scope == 'mmdet':
             from mmdet.evaluation import DumpDetResults as Dump

@@ -16,8 +16,9 @@ from typing import List, Optional
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmboat.engine.runner_setup import (  # noqa: E402,F401  (re-exported for the tests)
-    build_runner, configure_amp, load_config, parse_with_launcher_args, prepare_environment,
-    register_downstream, register_modules, release_distributed, setup_cpu_ddp)
+    build_runner, check_checkpoint, configure_amp, load_config, parse_with_launcher_args,
+    prepare_environment, register_downstream, register_modules, release_distributed,
+    setup_cpu_ddp)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -49,7 +50,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         cfg.resume = True
         cfg.load_from = args.resume
     register_modules(cfg)
-    build_runner(cfg).train()
+    runner = build_runner(cfg)
+    if not cfg.get('resume', False):
+        check_checkpoint(runner, cfg.get('load_from'), args.allow_partial_checkpoint)
+    runner.train()
     release_distributed()
 
 

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 __all__ = [
     'SCOPES', 'add_launcher_args', 'export_local_rank', 'prepare_environment', 'load_config',
     'register_downstream', 'setup_cpu_ddp', 'register_modules', 'build_runner',
-    'parse_with_launcher_args', 'release_distributed', 'configure_amp'
+    'parse_with_launcher_args', 'release_distributed', 'configure_amp', 'check_checkpoint'
 ]
 
 # Downstream package per config ``default_scope``.
@@ -43,6 +43,10 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         default='none', help='job launcher')
     # torch.distributed.launch passes --local-rank; older launchers --local_rank.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument(
+        '--allow-partial-checkpoint', action='store_true',
+        help='go on when the checkpoint (load_from / the test checkpoint) would load less than '
+        'half of the model (by default that stops with an error naming the checkpoint)')
     return parser
 
 
@@ -186,6 +190,18 @@ def configure_amp(cfg, enable: bool = False) -> None:
         'optimizer state, no loss scaling). For float32 training pass '
         '--cfg-options optim_wrapper.type=OptimWrapper.', logger='current',
         level=logging.WARNING)
+
+
+def check_checkpoint(runner, checkpoint, allow_partial: bool = False) -> None:
+    """Stop before ``runner`` trains or tests from a ``checkpoint`` (``load_from``, the test
+    checkpoint) that would leave most of its model unloaded (mmengine loads with ``strict=False``
+    and only logs the missing keys); see
+    :func:`mmboat.models.utils.pretrained.check_model_checkpoint`. Nothing to do without one."""
+    if not checkpoint:
+        return
+    from mmboat.models.utils.pretrained import check_model_checkpoint
+
+    check_model_checkpoint(runner.model, checkpoint, allow_partial)
 
 
 def build_runner(cfg):

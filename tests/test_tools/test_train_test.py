@@ -253,3 +253,25 @@ def test_weights_only_loading_allows_only_history_buffer_getattr(tmp_path):
     torch.save({'x': _Reduces(HistoryBuffer, '__init__')}, bad)
     with pytest.raises(pickle.UnpicklingError, match='is not allowed'):
         torch.load(bad, weights_only=True)
+
+
+def test_wrong_checkpoint_stops_training_and_testing(seg_root, tmp_path):
+    """A checkpoint of another model in tools/test.py or load_from stops with the reason instead
+    of running a model that is mostly random (mmengine loads with strict=False)."""
+    from mmboat.models.backbones.boat_swin import BOATSwinTransformer
+
+    boat = BOATSwinTransformer(arch=dict(embed_dims=16, depths=(2, 2, 2, 2),
+                                         num_heads=(1, 2, 2, 4)), window_size=4, img_size=64)
+    official = str(tmp_path / 'boat_swin_release.pth')
+    torch.save({'model': boat.state_dict()}, official)
+    opts = tiny_seg_options(seg_root)
+    with pytest.raises(RuntimeError, match=r'would load only 0% of the model.*BOAT-Swin model, '
+                       r'given to a NAT/DiNAT EncoderDecoder'):
+        test_tool.main([SEG_CONFIG, official, '--work-dir', str(tmp_path / 't'),
+                        '--cfg-options'] + opts)
+    with pytest.raises(RuntimeError, match='--allow-partial-checkpoint'):
+        train_tool.main([SEG_CONFIG, '--work-dir', str(tmp_path / 'w'), '--cfg-options'] + opts +
+                        [f'load_from={official}'])
+    metrics = test_tool.main([SEG_CONFIG, official, '--work-dir', str(tmp_path / 't2'),
+                              '--allow-partial-checkpoint', '--cfg-options'] + opts)
+    assert 'mIoU' in metrics

@@ -30,8 +30,8 @@ from mmboat.utils.checkpoint_convert import (CSWIN_STEM_RENAMES, SWIN_DERIVED_BU
 
 __all__ = [
     'FAMILIES', 'OFFICIAL_URL_PREFIXES', 'register_official_url_loader', 'official_release',
-    'official_to_classifier', 'read_backbone_weights', 'load_pretrained_backbone',
-    'PretrainedMixin'
+    'official_to_classifier', 'read_backbone_weights', 'compare_weights',
+    'load_pretrained_backbone', 'check_model_checkpoint', 'PretrainedMixin'
 ]
 
 # Backbone family -> (name for messages, the converter script, a key prefix only it has).
@@ -213,6 +213,24 @@ def register_official_url_loader() -> None:
                                      loader=_load_official_url, force=True)
 
 
+def compare_weights(own: Dict[str, Tensor], weights: Dict[str, Tensor]) -> tuple:
+    """Match checkpoint ``weights`` to a module's state dict ``own`` by name and shape.
+
+    Returns:
+        tuple: ``(matched, missing, mismatched, unexpected, coverage)``: the loadable tensors,
+        the module's keys absent from / of another shape in the checkpoint, the checkpoint's
+        keys the module lacks, and the fraction of the module's elements that would load.
+    """
+    matched = OrderedDict((k, v) for k, v in weights.items()
+                          if k in own and tuple(v.shape) == tuple(own[k].shape))
+    missing = [k for k in own if k not in weights]
+    mismatched = [k for k in own if k in weights and k not in matched]
+    unexpected = [k for k in weights if k not in own]
+    total = sum(t.numel() for t in own.values())
+    coverage = sum(own[k].numel() for k in matched) / max(total, 1)
+    return matched, missing, mismatched, unexpected, coverage
+
+
 def _output_norm(name: str) -> bool:
     head = name.split('.', 1)[0]
     return head.startswith('norm') and head[4:].isdigit()
@@ -247,13 +265,7 @@ def load_pretrained_backbone(backbone: nn.Module, family: str, checkpoint: str,
     weights, what, found = read_backbone_weights(loaded, prefix or '', final_norm)
     cls = type(backbone).__name__
     own = backbone.state_dict()
-    matched = OrderedDict((k, v) for k, v in weights.items()
-                          if k in own and tuple(v.shape) == tuple(own[k].shape))
-    missing = [k for k in own if k not in weights]
-    mismatched = [k for k in own if k in weights and k not in matched]
-    unexpected = [k for k in weights if k not in own]
-    total = sum(t.numel() for t in own.values())
-    coverage = sum(own[k].numel() for k in matched) / max(total, 1)
+    matched, missing, mismatched, unexpected, coverage = compare_weights(own, weights)
     if coverage < MIN_COVERAGE and not allow_partial:
         name, converter, _ = FAMILIES[family]
         if found is not None and found != family:
@@ -291,6 +303,48 @@ def load_pretrained_backbone(backbone: nn.Module, family: str, checkpoint: str,
         print_log(f'{cls}: not loaded from {checkpoint}: missing {others}, shape-mismatched '
                   f'{mismatched}', logger='current', level=logging.WARNING)
     return dict(missing=missing, mismatched=mismatched, unexpected=unexpected)
+
+
+def check_model_checkpoint(model: nn.Module, checkpoint: str, allow_partial: bool = False,
+                           map_location: str = 'cpu') -> float:
+    """Stop before a whole model (a runner's ``load_from``, ``tools/test.py``) starts from a
+    checkpoint that would leave most of it unloaded, which mmengine's ``strict=False`` loading
+    only reports as missing keys.
+
+    Args:
+        model (nn.Module): The model (a DDP wrapper is unwrapped).
+        checkpoint (str): Path or URL (official releases are converted as mmengine loads them).
+        allow_partial (bool): Only report. Defaults to False.
+        map_location (str): Where to load tensors. Defaults to ``'cpu'``.
+
+    Returns:
+        float: the fraction of the model's elements the checkpoint covers.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    model = getattr(model, 'module', model)
+    loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location,
+                                              logger='current')
+    weights = extract_state_dict(loaded, ('state_dict', )) if isinstance(loaded, dict) else {}
+    *_, missing, mismatched, _, coverage = compare_weights(model.state_dict(), weights)
+    if coverage >= MIN_COVERAGE or allow_partial:
+        return coverage
+    cls = type(model).__name__
+    backbone = getattr(model, 'backbone', None)
+    family = getattr(backbone, 'checkpoint_family', None)
+    _, what, found = read_backbone_weights(loaded, 'backbone.') if isinstance(
+        loaded, dict) else (None, f'a {type(loaded).__name__}', None)
+    if found is not None and family is not None and found != family:
+        diagnosis = (f'it looks like {what} of a {FAMILIES[found][0]} model, given to a '
+                     f'{FAMILIES[family][0]} {cls}')
+    else:
+        diagnosis = f'it looks like {what}'
+    raise RuntimeError(
+        f'{cls}: checkpoint {checkpoint!r} would load only {100 * coverage:.0f}% of the model '
+        f'({len(missing)} tensors missing, {len(mismatched)} shape-mismatched, e.g. '
+        f'{(missing + mismatched)[:3]}); {diagnosis}. Give the checkpoint that belongs to this '
+        'config (a classification release or conversion goes in the backbone init_cfg, not in '
+        'load_from), or pass --allow-partial-checkpoint for a deliberate partial load.')
 
 
 class PretrainedMixin:
