@@ -7,7 +7,7 @@ pretrained = 'https://www.dropbox.com/s/92sr8r8zhng1mqg/cswin_base.pth.tar?dl=1'
 model = dict(
     backbone=dict(
         arch='base',
-        drop_path_rate=0.5,
+        drop_path_rate=0.6,  # as the official BOAT-CSWin/segmentation/configs/cswin
         init_cfg=dict(checkpoint=pretrained)),
     decode_head=dict(in_channels=[96, 192, 384, 768]),
     auxiliary_head=dict(in_channels=384))

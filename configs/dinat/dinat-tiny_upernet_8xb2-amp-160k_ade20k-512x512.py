@@ -21,5 +21,6 @@ model = dict(
 optim_wrapper = dict(
     _delete_=True,
     type='AmpOptimWrapper',
+    loss_scale=512.,  # static, as the official configs' Fp16OptimizerHook (mmcv default)
     optimizer=dict(type='AdamW', lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
     paramwise_cfg=dict(custom_keys={'.rpb': dict(decay_mult=0.), 'norm': dict(decay_mult=0.)}))

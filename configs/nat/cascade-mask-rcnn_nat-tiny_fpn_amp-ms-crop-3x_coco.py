@@ -89,7 +89,7 @@ train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
 max_epochs = 36
 train_cfg = dict(max_epochs=max_epochs)
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),  # official schedule_3x
     dict(
         type='MultiStepLR',
         begin=0,
@@ -101,6 +101,7 @@ param_scheduler = [
 
 optim_wrapper = dict(
     type='AmpOptimWrapper',
+    loss_scale=512.,  # static, as the official configs' Fp16OptimizerHook (mmcv default)
     paramwise_cfg=dict(
         _delete_=True,
         custom_keys={'.rpb': dict(decay_mult=0.), 'norm': dict(decay_mult=0.)}),

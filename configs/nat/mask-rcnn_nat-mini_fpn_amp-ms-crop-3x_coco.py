@@ -19,7 +19,14 @@ model = dict(
 
 optim_wrapper = dict(
     type='AmpOptimWrapper',
+    loss_scale=512.,  # static, as the official configs' Fp16OptimizerHook (mmcv default)
     paramwise_cfg=dict(
         _delete_=True,
         custom_keys={'.rpb': dict(decay_mult=0.), 'norm': dict(decay_mult=0.)}),
     optimizer=dict(_delete_=True, type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05))
+
+# The official schedule_3x: 500-iteration linear warm-up (ratio 0.001), steps at 27 and 33.
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
+    dict(type='MultiStepLR', begin=0, end=36, by_epoch=True, milestones=[27, 33], gamma=0.1)
+]
