@@ -17,15 +17,13 @@ from mmboat._startup import PTH_NAME
 
 
 def _fresh(code: str, cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -c code`` in a fresh interpreter of this environment, outside the repository,
-    with no PYTHONPATH: only what the environment itself holds."""
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    env.setdefault('MMBOAT_NUM_THREADS', '1')
-    return subprocess.run([sys.executable, '-c', code], cwd=cwd, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    """``python -c code`` in a fresh interpreter (see :func:`_script`)."""
+    return _script(['-c', code], cwd, timeout)
 
 
 def _script(argv, cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python *argv`` in a fresh interpreter of this environment, outside the repository,
+    with no PYTHONPATH: only what the environment itself holds."""
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     env.setdefault('MMBOAT_NUM_THREADS', '1')
     return subprocess.run([sys.executable] + argv, cwd=cwd, env=env, text=True,
