@@ -51,8 +51,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         cfg.load_from = args.resume
     register_modules(cfg)
     runner = build_runner(cfg)
-    if not cfg.get('resume', False):
-        check_checkpoint(runner, cfg.get('load_from'), args.allow_partial_checkpoint)
+    check_checkpoint(runner, None if cfg.get('resume', False) else cfg.get('load_from'),
+                     args.allow_partial_checkpoint)
     runner.train()
     release_distributed()
 

@@ -46,7 +46,8 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument(
         '--allow-partial-checkpoint', action='store_true',
         help='go on when the checkpoint (load_from / the test checkpoint) would load less than '
-        'half of the model (by default that stops with an error naming the checkpoint)')
+        'half of the model or of an mmboat backbone (by default that stops with an error naming '
+        'the checkpoint); sets MMBOAT_ALLOW_PARTIAL_CHECKPOINT=1')
     return parser
 
 
@@ -197,11 +198,12 @@ def check_checkpoint(runner, checkpoint, allow_partial: bool = False) -> None:
     checkpoint) that would leave most of its model unloaded (mmengine loads with ``strict=False``
     and only logs the missing keys); see
     :func:`mmboat.models.utils.pretrained.check_model_checkpoint`. Nothing to do without one."""
-    if not checkpoint:
-        return
-    from mmboat.models.utils.pretrained import check_model_checkpoint
+    from mmboat.models.utils.pretrained import ALLOW_PARTIAL_ENV, check_model_checkpoint
 
-    check_model_checkpoint(runner.model, checkpoint, allow_partial)
+    if allow_partial:  # also for the backbones' own check when mmengine loads
+        os.environ[ALLOW_PARTIAL_ENV] = '1'
+    if checkpoint:
+        check_model_checkpoint(runner.model, checkpoint, allow_partial)
 
 
 def build_runner(cfg):

@@ -250,3 +250,46 @@ def test_official_release_into_an_mmpretrain_classifier(family, tmp_path):
     classifier = _classifier(family)
     load_checkpoint(classifier, path, map_location='cpu', strict=True)
     torch.testing.assert_close(classifier.head.fc.weight, weights['head.weight'])
+
+
+class _Detector(torch.nn.Module):
+    """A whole model around an mmboat backbone (keys under ``backbone.``)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize('loader', ['torch', 'mmengine'])
+def test_any_load_that_leaves_the_backbone_random_stops(loader, monkeypatch):
+    """torch's and mmengine's strict=False loads (load_from, resume, the downstream tools'
+    test.py, inferencers) reach the backbone's own check."""
+    from mmengine.runner.checkpoint import load_state_dict
+
+    from mmboat.models.utils.pretrained import ALLOW_PARTIAL_ENV, partial_loads_allowed
+
+    monkeypatch.delenv(ALLOW_PARTIAL_ENV, raising=False)
+    model = _Detector(nat())
+    load = (lambda sd: model.load_state_dict(sd, strict=False)) if loader == 'torch' else (
+        lambda sd: load_state_dict(model, sd, strict=False))
+    good = _randomised(_Detector(nat())).state_dict()
+    load(good)  # a full load passes, and loads
+    torch.testing.assert_close(model.backbone.state_dict(),
+                               {k[len('backbone.'):]: v for k, v in good.items()
+                                if k.startswith('backbone.')})
+    boat = _Detector(swin()).state_dict()
+    with pytest.raises(RuntimeError, match="NAT: .*fill only 0% .*BOAT-Swin model, given to NAT"):
+        load(boat)
+    unprefixed = {k[len('backbone.'):]: v for k, v in good.items()}
+    with pytest.raises(RuntimeError, match=f"at 'backbone.'.*{ALLOW_PARTIAL_ENV}=1"):
+        load(unprefixed)
+    # Two thirds of the backbone missing: still random for the most part.
+    keys = [k for k in good if k.startswith('backbone.')]
+    with pytest.raises(RuntimeError, match='fill only'):
+        load({k: good[k] for k in keys[:len(keys) // 3]})
+    with partial_loads_allowed():
+        load(boat)  # only the output norms of the same width fit, and load
+    torch.testing.assert_close(model.backbone.norm3.bias, boat['backbone.norm3.bias'])
+    monkeypatch.setenv(ALLOW_PARTIAL_ENV, '1')
+    load({k: good[k] for k in keys[:3]})

@@ -1,6 +1,7 @@
 """tools/train.py and tools/test.py: train, resume (path and auto), test a checkpoint, bad input."""
 import glob
 import json
+import os
 import os.path as osp
 import pickle
 
@@ -255,10 +256,14 @@ def test_weights_only_loading_allows_only_history_buffer_getattr(tmp_path):
         torch.load(bad, weights_only=True)
 
 
-def test_wrong_checkpoint_stops_training_and_testing(seg_root, tmp_path):
+def test_wrong_checkpoint_stops_training_and_testing(seg_root, tmp_path, monkeypatch):
     """A checkpoint of another model in tools/test.py or load_from stops with the reason instead
     of running a model that is mostly random (mmengine loads with strict=False)."""
     from mmboat.models.backbones.boat_swin import BOATSwinTransformer
+    from mmboat.models.utils.pretrained import ALLOW_PARTIAL_ENV
+
+    # --allow-partial-checkpoint sets it in this process; undone after the test.
+    monkeypatch.setenv(ALLOW_PARTIAL_ENV, '0')
 
     boat = BOATSwinTransformer(arch=dict(embed_dims=16, depths=(2, 2, 2, 2),
                                          num_heads=(1, 2, 2, 4)), window_size=4, img_size=64)
@@ -274,4 +279,4 @@ def test_wrong_checkpoint_stops_training_and_testing(seg_root, tmp_path):
                         [f'load_from={official}'])
     metrics = test_tool.main([SEG_CONFIG, official, '--work-dir', str(tmp_path / 't2'),
                               '--allow-partial-checkpoint', '--cfg-options'] + opts)
-    assert 'mIoU' in metrics
+    assert 'mIoU' in metrics and os.environ[ALLOW_PARTIAL_ENV] == '1'

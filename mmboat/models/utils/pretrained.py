@@ -18,8 +18,18 @@ backbone is handled here rather than by mmengine's ``PretrainedInit``:
   weights. ``allow_partial=True`` in the ``init_cfg`` opts out for a deliberate partial load.
   Output norms missing from a classification checkpoint are reported in one log line; any other
   missing or mismatched tensor in a warning.
+
+The same rule holds for every other load into an mmboat backbone, whoever calls it: mmengine's
+``load_checkpoint`` (``load_from``, resuming, the downstream packages' own ``tools/test.py`` and
+inferencers, all ``strict=False``) and ``nn.Module.load_state_dict`` reach the backbone's
+``_load_from_state_dict``, which stops a load that would fill less than half of the backbone.
+``MMBOAT_ALLOW_PARTIAL_CHECKPOINT=1`` in the environment (mmboat's tools:
+``--allow-partial-checkpoint``) or :func:`partial_loads_allowed` opts out.
 """
+import contextlib
 import logging
+import os
+import threading
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -31,7 +41,8 @@ from mmboat.utils.checkpoint_convert import (CSWIN_STEM_RENAMES, SWIN_DERIVED_BU
 __all__ = [
     'FAMILIES', 'OFFICIAL_URL_PREFIXES', 'register_official_url_loader', 'official_release',
     'official_to_classifier', 'read_backbone_weights', 'compare_weights',
-    'load_pretrained_backbone', 'check_model_checkpoint', 'PretrainedMixin'
+    'load_pretrained_backbone', 'check_model_checkpoint', 'PretrainedMixin',
+    'ALLOW_PARTIAL_ENV', 'partial_loads_allowed', 'check_state_dict_load'
 ]
 
 # Backbone family -> (name for messages, the converter script, a key prefix only it has).
@@ -46,6 +57,25 @@ OFFICIAL_URL_PREFIXES = ('https://shi-labs.com/projects/nat/checkpoints/',
                          'https://www.dropbox.com/s/')
 # The least fraction of a backbone's elements a load must cover without allow_partial=True.
 MIN_COVERAGE = 0.5
+# Set to 1 to let any load into an mmboat backbone fill less than MIN_COVERAGE of it.
+ALLOW_PARTIAL_ENV = 'MMBOAT_ALLOW_PARTIAL_CHECKPOINT'
+_partial = threading.local()
+
+
+@contextlib.contextmanager
+def partial_loads_allowed():
+    """Within this context (this thread), loads into mmboat backbones may be partial."""
+    depth = getattr(_partial, 'depth', 0)
+    _partial.depth = depth + 1
+    try:
+        yield
+    finally:
+        _partial.depth = depth
+
+
+def _partial_allowed() -> bool:
+    return (getattr(_partial, 'depth', 0) > 0
+            or os.environ.get(ALLOW_PARTIAL_ENV, '').lower() in ('1', 'true', 'yes'))
 
 
 def _family_of(keys) -> Optional[str]:
@@ -236,6 +266,26 @@ def _output_norm(name: str) -> bool:
     return head.startswith('norm') and head[4:].isdigit()
 
 
+def _diagnosis(cls: str, family: str, what: str, found: Optional[str],
+               weights: Dict[str, Tensor], own: Dict[str, Tensor], missing: List[str],
+               mismatched: List[str], prefix_hint: str) -> str:
+    """Why weights (``what``, keys of backbone ``found``) do not fit backbone ``cls`` of
+    ``family``, and the fix."""
+    name, converter, _ = FAMILIES[family]
+    if found is not None and found != family:
+        return (f'it looks like {what} of a {FAMILIES[found][0]} model, given to {cls} '
+                f'({name}): use a {name} checkpoint, or the {FAMILIES[found][0]} backbone for '
+                'these weights')
+    if found == family:
+        shapes = ', '.join(f'{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}'
+                           for k in mismatched[:3])
+        return (f'it looks like {what} of another {name} architecture (e.g. NAT-Mini weights '
+                f'in NAT-Tiny; checkpoint vs model shapes: {shapes or "n/a"}, missing '
+                f'{missing[:3]}): set the arch that matches the checkpoint')
+    return (f'it looks like {what}. Give an official {name} release or its conversion '
+            f'(tools/model_converters/{converter}), and {prefix_hint}')
+
+
 def load_pretrained_backbone(backbone: nn.Module, family: str, checkpoint: str,
                              prefix: Optional[str] = None, map_location: str = 'cpu',
                              allow_partial: bool = False,
@@ -267,28 +317,16 @@ def load_pretrained_backbone(backbone: nn.Module, family: str, checkpoint: str,
     own = backbone.state_dict()
     matched, missing, mismatched, unexpected, coverage = compare_weights(own, weights)
     if coverage < MIN_COVERAGE and not allow_partial:
-        name, converter, _ = FAMILIES[family]
-        if found is not None and found != family:
-            diagnosis = (f'it looks like {what} of a {FAMILIES[found][0]} model, given to {cls} '
-                         f'({name}): use a {name} checkpoint, or the {FAMILIES[found][0]} '
-                         'backbone for these weights')
-        elif found == family:
-            shapes = ', '.join(f'{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}'
-                               for k in mismatched[:3])
-            diagnosis = (f'it looks like {what} of another {name} architecture (e.g. NAT-Mini '
-                         f'weights in NAT-Tiny; checkpoint vs model shapes: {shapes or "n/a"}, '
-                         f'missing {missing[:3]}): set the arch that matches the checkpoint')
-        else:
-            diagnosis = (f'it looks like {what}. Give an official {name} release or its '
-                         f'conversion (tools/model_converters/{converter}), and check the '
-                         f'init_cfg prefix ({prefix!r})')
+        diagnosis = _diagnosis(cls, family, what, found, weights, own, missing, mismatched,
+                               f'check the init_cfg prefix ({prefix!r})')
         raise RuntimeError(
             f'{cls}: init_cfg Pretrained checkpoint {checkpoint!r} would load only '
             f'{100 * coverage:.0f}% of the backbone ({len(matched)} of {len(own)} tensors; '
             f'{len(missing)} missing, {len(mismatched)} shape-mismatched); training would start '
             f'from random weights. {diagnosis}. For a deliberate partial load add '
             'allow_partial=True to the init_cfg.')
-    backbone.load_state_dict(matched, strict=False)
+    with partial_loads_allowed():  # checked above
+        backbone.load_state_dict(matched, strict=False)
     fresh_norms = [k for k in missing if _output_norm(k)]
     others = [k for k in missing if not _output_norm(k)]
     print_log(f'{cls}: loaded {len(matched)} tensors ({100 * coverage:.1f}% of the backbone) '
@@ -376,3 +414,49 @@ class PretrainedMixin:
         load_pretrained_backbone(self, self.checkpoint_family, cfg['checkpoint'],  # type: ignore
                                  cfg.get('prefix'), cfg.get('map_location', 'cpu'),
                                  bool(cfg.get('allow_partial', False)), final_norm)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """Stop any load (mmengine's ``strict=False`` ones included) that would fill less than
+        half of this backbone, before a run starts from random weights."""
+        if not _partial_allowed():
+            check_state_dict_load(self, state_dict, prefix)
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+            error_msgs)
+
+
+def check_state_dict_load(backbone: nn.Module, state_dict: Dict[str, Tensor],
+                          prefix: str) -> None:
+    """Raise when ``state_dict`` (a whole model's, the backbone's keys under ``prefix``) would
+    fill less than half of ``backbone`` by element count.
+
+    Raises:
+        RuntimeError: Names what the weights look like and the fix.
+    """
+    own = backbone.state_dict()
+    weights = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items()
+                          if k.startswith(prefix))
+    matched, missing, mismatched, _, coverage = compare_weights(own, weights)
+    if coverage >= MIN_COVERAGE:
+        return
+    cls = type(backbone).__name__
+    if not state_dict:
+        what, found = f'no weights under {prefix!r}', None
+    elif weights:
+        found, what = _family_of(weights), f'weights under {prefix!r}'
+    else:
+        _, what, found = read_backbone_weights({'state_dict': state_dict}, prefix)
+        if found is None:
+            what = f'weights with no key under {prefix!r} (e.g. {list(state_dict)[:3]})'
+    diagnosis = _diagnosis(cls, getattr(backbone, 'checkpoint_family'), what, found, weights,
+                           own, missing, mismatched,
+                           f'check that the keys carry the prefix {prefix!r}')
+    raise RuntimeError(
+        f'{cls}: the weights being loaded would fill only {100 * coverage:.0f}% of the '
+        f'backbone at {prefix!r} ({len(matched)} of {len(own)} tensors; {len(missing)} missing, '
+        f'{len(mismatched)} shape-mismatched), so it would run from random weights; '
+        f'{diagnosis}. A classification checkpoint for a detection/segmentation model goes in '
+        "the backbone's init_cfg=dict(type='Pretrained', checkpoint=..., prefix='backbone.'), "
+        f'not in load_from. For a deliberate partial load set {ALLOW_PARTIAL_ENV}=1 (mmboat\'s '
+        'tools: --allow-partial-checkpoint).')
