@@ -25,7 +25,7 @@ def test_config_names_and_coverage():
     for model in ('nat', 'dinat'):
         assert f'{model}/mask-rcnn_{model}-tiny_fpn_amp-ms-crop-3x_coco.py' in names
         assert f'{model}/cascade-mask-rcnn_{model}-tiny_fpn_amp-ms-crop-3x_coco.py' in names
-    assert 'dinat/dinat-large_in21k-pre_8xb128_in1k.py' in names
+    assert 'dinat/dinat-large_in21k-pre_8xb64_in1k.py' in names
     assert 'dinat/dinat-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py' in names
     for folder in ('nat', 'dinat'):
         assert osp.isfile(osp.join(ROOT, 'configs', folder, 'README.md'))

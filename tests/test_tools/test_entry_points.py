@@ -173,7 +173,7 @@ def test_model_index_in_mmpretrain_hub_from_a_fresh_interpreter(tmp_path):
     run = _fresh('from mmpretrain import get_model, list_models\n'
                  'names = list_models("*nat*")\n'
                  'print("RESULT", "nat-tiny_8xb128_in1k" in names, '
-                 '"dinat-large_in21k-pre_8xb128_in1k" in names, '
+                 '"dinat-large_in21k-pre_8xb64_in1k" in names, '
                  'len(list_models("boat-*_in1k")))\n'
                  'model = get_model("nat-mini_8xb128_in1k")\n'
                  'print("MODEL", type(model.backbone).__name__)', cwd=str(tmp_path))
