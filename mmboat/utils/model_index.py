@@ -4,15 +4,21 @@
 ``configs/*/metafile.yml`` files, which name each model, its config, its reported results and the
 official release URL of its weights. :func:`register_with_mmpretrain` adds them to
 ``mmpretrain.apis.ModelHub``, so ``mmpretrain.list_models('*nat*')``,
-``get_model('nat-tiny_in1k', pretrained=True)`` and the inferencers accept mmboat's model names.
+``get_model('nat-tiny_8xb128_in1k', pretrained=True)`` and the inferencers accept mmboat's model
+names. The names are the config stems, as in mmpretrain's own metafiles; every ImageNet-1K
+classification model also answers to its short name without the GPU x batch part
+(``nat-tiny_in1k``, ``boat-cswin-tiny_in1k``, ``dinat-large_in21k-pre_in1k``).
 It runs when ``mmpretrain.apis`` is imported in an environment with mmboat's start-up hook
 (:mod:`mmboat._startup`) and when ``mmboat.models`` is imported after mmpretrain.
 """
 import os.path as osp
+import re
 import sys
 from typing import Optional
 
-__all__ = ['model_index_path', 'register_with_mmpretrain']
+__all__ = ['model_index_path', 'register_with_mmpretrain', 'short_name']
+
+_GPUS_X_BATCH = re.compile(r'^(?P<model>.+)_\d+xb\d+_in1k$')
 
 _registered = []
 
@@ -25,6 +31,13 @@ def model_index_path() -> Optional[str]:
         if osp.isfile(candidate):
             return candidate
     return None
+
+
+def short_name(name: str) -> Optional[str]:
+    """``nat-tiny_8xb128_in1k`` -> ``nat-tiny_in1k``; None for a name without a GPU x batch
+    part before ``_in1k`` (detection / segmentation models)."""
+    match = _GPUS_X_BATCH.match(name.lower())
+    return None if match is None else match.group('model') + '_in1k'
 
 
 def register_with_mmpretrain() -> bool:
@@ -40,7 +53,16 @@ def register_with_mmpretrain() -> bool:
         return False
     from mmpretrain.apis.model import ModelHub
 
+    from modelindex.load_model_index import load
+
     ModelHub.register_model_index(path, config_prefix=osp.dirname(path))
+    index = load(path)
+    index.build_models_with_collections()
+    for model in index.models:
+        alias = short_name(model.name)
+        # The hub has no alias field: the short name maps to the same entry.
+        if alias is not None and alias not in ModelHub._models_dict:
+            ModelHub._models_dict[alias] = ModelHub._models_dict[model.name.lower()]
     _registered.append(path)
     return True
 

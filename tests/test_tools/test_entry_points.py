@@ -174,11 +174,14 @@ def test_model_index_in_mmpretrain_hub_from_a_fresh_interpreter(tmp_path):
                  'names = list_models("*nat*")\n'
                  'print("RESULT", "nat-tiny_8xb128_in1k" in names, '
                  '"dinat-large_in21k-pre_8xb64_in1k" in names, '
-                 'len(list_models("boat-*_in1k")))\n'
+                 'len(list_models("boat-*_16xb64_in1k")), sorted(list_models("*swin-tiny_in1k")))\n'
                  'model = get_model("nat-mini_8xb128_in1k")\n'
-                 'print("MODEL", type(model.backbone).__name__)', cwd=str(tmp_path))
+                 'short = get_model("dinat-mini_in1k")\n'
+                 'print("MODEL", type(model.backbone).__name__, type(short.backbone).__name__, '
+                 'short.backbone.embed_dims)', cwd=str(tmp_path))
     assert run.returncode == 0, run.stdout[-3000:]
-    assert 'RESULT True True 6' in run.stdout and 'MODEL NAT' in run.stdout, run.stdout[-3000:]
+    assert ("RESULT True True 6 ['boat-cswin-tiny_in1k', 'boat-swin-tiny_in1k']" in run.stdout
+            and 'MODEL NAT DiNAT 64' in run.stdout), run.stdout[-3000:]
 
 
 def test_metafiles_name_official_weights():
