@@ -97,3 +97,22 @@ def test_nat_in_stock_upernet_trains_one_step():
     assert {'decode.loss_ce', 'aux.loss_ce'} <= set(losses)
     assert all(torch.isfinite(v).all() for v in losses.values())
     assert moved
+
+
+def test_optim_wrapper_resolves_by_scope_in_a_fresh_interpreter():
+    """``type='mmboat.CPUAmpOptimWrapper'`` in a config builds through mmengine's registry alone
+    (the node's import location registers it), with nothing of mmboat.engine imported first."""
+    import subprocess
+    import sys
+
+    code = ('import torch\n'
+            'from mmengine.registry import OPTIM_WRAPPERS, init_default_scope\n'
+            'import mmboat.models\n'
+            'init_default_scope("mmpretrain")\n'
+            'param = torch.nn.Parameter(torch.zeros(2))\n'
+            'wrapper = OPTIM_WRAPPERS.build(dict(type="mmboat.CPUAmpOptimWrapper", '
+            'optimizer=torch.optim.SGD([param], lr=0.1)))\n'
+            'print("RESULT", type(wrapper).__name__)')
+    run = subprocess.run([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert 'RESULT CPUAmpOptimWrapper' in run.stdout, run.stdout[-3000:]
