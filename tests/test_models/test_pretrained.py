@@ -15,7 +15,7 @@ import torch
 from mmboat.models import NAT
 from mmboat.models.backbones.boat_cswin import BOATCSWinTransformer
 from mmboat.models.backbones.boat_swin import BOATSwinTransformer
-from mmboat.utils.checkpoint_convert import CSWIN_STEM_RENAMES
+from mmboat.models.utils.checkpoint_keys import CSWIN_STEM_RENAMES
 
 NAT_ARCH = dict(embed_dims=16, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4], mlp_ratio=2.)
 SWIN_ARCH = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))

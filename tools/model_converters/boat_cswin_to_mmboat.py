@@ -29,14 +29,18 @@ from typing import Dict, Optional
 
 from torch import Tensor
 
-# The repository root, so that the script finds mmboat without installing it.
+# The repository root (mmboat without installing it) and this folder (the converters' shared
+# helpers), also when the script is imported by path.
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 # ``load_official`` is part of the script's interface.
-from mmboat.utils.checkpoint_convert import (  # noqa: E402,F401
-    describe_keys, CSWIN_STEM_RENAMES as STEM_RENAMES, add_common_args,
-    extract_state_dict as extract_tensors, load_official_checkpoint as load_official,
-    plain_tensors, save_converted, stage_block_layout)
+from _converter_common import (  # noqa: E402,F401
+    add_common_args, describe_keys, load_official_checkpoint as load_official, plain_tensors,
+    save_converted, stage_block_layout)
+
+from mmboat.models.utils.checkpoint_keys import (  # noqa: E402
+    CSWIN_STEM_RENAMES as STEM_RENAMES, extract_state_dict as extract_tensors)
 
 STAGE_PATTERN = re.compile(r'(stage\d+|merge\d+)\.')
 

@@ -9,7 +9,7 @@ backbone is handled here rather than by mmengine's ``PretrainedInit``:
   BOAT-Swin: Swin's names under ``model``; BOAT-CSWin: timm's ``state_dict`` /
   ``state_dict_ema`` with ``args``). mmboat keeps the released parameter names, so reading an
   official checkpoint into a backbone takes the same renames as the converters in
-  ``tools/model_converters/`` (:mod:`mmboat.utils.checkpoint_convert`), applied in memory; the
+  ``tools/model_converters/`` (:mod:`mmboat.models.utils.checkpoint_keys`), applied in memory; the
   classification head and the final ``norm`` are not part of a dense backbone, so its output
   norms ``norm{i}`` keep their fresh initialisation, as in the official det/seg fine-tuning;
 * the weights are compared with the backbone's parameters and buffers by name and shape. When
@@ -35,8 +35,7 @@ from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
-from mmboat.utils.checkpoint_convert import (CSWIN_STEM_RENAMES, SWIN_DERIVED_BUFFERS,
-                                             extract_state_dict)
+from .checkpoint_keys import CSWIN_STEM_RENAMES, SWIN_DERIVED_BUFFERS, extract_state_dict
 
 __all__ = [
     'FAMILIES', 'OFFICIAL_URL_PREFIXES', 'register_official_url_loader', 'official_release',

@@ -1,34 +1,24 @@
-"""Shared pieces of the released-checkpoint converters in ``tools/model_converters/``.
+"""Shared pieces of the released-checkpoint converters in this folder.
 
 Every converter loads a released checkpoint weights-only (a ``--trust-checkpoint`` flag unpickles
-it fully), picks the weights out of the wrapper dict, strips DataParallel's ``module.`` prefix,
-renames keys (its own business) and saves ``{'state_dict': {name: Tensor}, 'meta': {...}}`` with
-plain, contiguous tensors, so that the output loads with ``torch.load(path, weights_only=True)``.
-
-Only ``torch`` is imported here.
+it fully), picks the weights out of the wrapper dict (:func:`extract_state_dict`, shared with the
+in-memory reading of releases in mmboat), renames keys (its own business) and saves
+``{'state_dict': {name: Tensor}, 'meta': {...}}`` with plain, contiguous tensors, so that the
+output loads with ``torch.load(path, weights_only=True)``.
 """
 import argparse
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    'CSWIN_STEM_RENAMES', 'SWIN_DERIVED_BUFFERS', 'load_official_checkpoint',
-    'extract_state_dict', 'plain_tensors', 'stage_block_layout', 'save_converted',
-    'add_common_args', 'describe_keys'
+    'load_official_checkpoint', 'plain_tensors', 'stage_block_layout', 'save_converted',
+    'add_common_args', 'describe_keys', 'CONVERTER_EPILOG'
 ]
-
-# Renames shared by the converters and the in-memory reading of official checkpoints
-# (mmboat/models/utils/pretrained.py); every other released name is kept.
-# BOAT-CSWin's stem is a Sequential in the release (conv, -, LayerNorm); mmboat names its parts.
-CSWIN_STEM_RENAMES = {'stage1_conv_embed.0.': 'stage1_conv_embed.conv.',
-                      'stage1_conv_embed.2.': 'stage1_conv_embed.norm.'}
-# Buffers that Swin derives from the window size and input size; mmboat computes them.
-SWIN_DERIVED_BUFFERS = ('relative_position_index', 'attn_mask')
 
 
 def load_official_checkpoint(path: str, trust_checkpoint: bool = False) -> dict:
@@ -78,42 +68,6 @@ def describe_keys(checkpoint: dict, weights: Dict[str, Tensor]) -> str:
     """The checkpoint's top-level keys and its first weight names, for error messages."""
     top = sorted(str(k) for k in checkpoint)[:10] if isinstance(checkpoint, dict) else []
     return f'top-level keys: {top}; first weight names: {list(weights)[:5]}'
-
-
-def extract_state_dict(checkpoint: dict,
-                       keys: Sequence[str],
-                       use_ema: bool = False,
-                       ema_key: str = 'state_dict_ema') -> Dict[str, Tensor]:
-    """Pick the weights out of a checkpoint: its tensors, without ``module.`` prefixes.
-
-    Args:
-        checkpoint (dict): A loaded checkpoint.
-        keys (Sequence[str]): Wrapper keys tried in order (the first one holding a dict wins);
-            the checkpoint itself is the state dict when none does.
-        use_ema (bool): Take ``checkpoint[ema_key]`` instead. Defaults to False.
-        ema_key (str): The key of the EMA weights. Defaults to ``'state_dict_ema'``.
-
-    Returns:
-        Dict[str, Tensor]: The tensors (non-tensor entries are dropped), in checkpoint order.
-    """
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f'expected a dict checkpoint, got {type(checkpoint).__name__}')
-    if use_ema:
-        if not isinstance(checkpoint.get(ema_key), dict):
-            raise KeyError(f'--ema: the checkpoint has no "{ema_key}"; keys are '
-                           f'{sorted(checkpoint)}')
-        state_dict = checkpoint[ema_key]
-    else:
-        state_dict = checkpoint
-        for key in keys:
-            if isinstance(checkpoint.get(key), dict):
-                state_dict = checkpoint[key]
-                break
-    result = OrderedDict()
-    for name, value in state_dict.items():
-        if isinstance(value, Tensor):
-            result[name[len('module.'):] if name.startswith('module.') else name] = value
-    return result
 
 
 def plain_tensors(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
