@@ -14,7 +14,7 @@ Under ``torch.autocast`` the inputs and the bias are cast to the autocast dtype 
 accumulate in float32 (:mod:`mmboat.ops.autocast`, on every path: these functions, the
 reference and the compiled ops' Autocast dispatcher kernels).
 
-Semantics (``spec/neighborhood_attention.md``): per axis, the window of ``k`` keys lies in the
+Semantics (``docs/neighborhood_attention.md``): per axis, the window of ``k`` keys lies in the
 query's dilation group and is shifted inwards at the borders; ``L >= k * d`` is required; the
 relative positional bias (rpb) index is ``(key' - query') + (k - 1)`` and the bias is added
 after scaling. Even kernels (``r`` keys left, ``r - 1`` right) are allowed without rpb only;

@@ -1,6 +1,6 @@
 """Pure-PyTorch (gather-based) neighborhood attention: the fallback and the test oracle.
 
-Follows ``spec/neighborhood_attention.md`` sections 1-3 literally: per axis the window lies
+Follows ``docs/neighborhood_attention.md`` literally: per axis the window lies
 inside the query's dilation group and is shifted inwards at the borders (never padded or
 truncated), the causal window ends at the query, and the relative positional bias index is
 ``(key' - query') + (k - 1)`` with ``'`` the index inside the dilation group. The bias is added

@@ -4,7 +4,7 @@ BOAT: Bilateral Local Attention Vision Transformer (Yu et al., BMVC 2022,
 https://arxiv.org/abs/2201.13027). Tokens are grouped by balanced hierarchical clustering of their
 queries (per sample and head, no gradient) and attend inside their cluster plus an overlap with the
 sibling cluster; a depthwise 3x3 conv on the values (``get_v``) adds local image context. Parameter
-names (``qkv``, ``proj``, ``get_v``) are the released ones. See spec feature_space_attention.md.
+names (``qkv``, ``proj``, ``get_v``) are the released ones. See docs/feature_space_attention.md.
 """
 from typing import Optional, Tuple
 
