@@ -23,6 +23,7 @@ from .autocast import call_with_policy, register_autocast_kernels
 from .ext_loader import has_ext, missing_kernel, use_ext
 from .feature_space_attention_reference import (balanced_hierarchical_clustering_reference,
                                                 cluster_layout, clustered_attention_reference)
+from .flops import traced_clustered_attention, traced_clustering
 
 __all__ = [
     'cluster_layout', 'balanced_hierarchical_clustering', 'clustered_attention',
@@ -153,6 +154,8 @@ def _balanced_hierarchical_clustering(x: torch.Tensor, cluster_size: int, iters:
     if _pick_compiled(impl, 'balanced_hierarchical_clustering', 'bhc_cluster', x):
         # The kernels read strided views (q sliced out of a qkv projection) without a copy.
         return torch.ops.mmboat.bhc_cluster(x.detach(), cluster_size, iters, tau)
+    if torch.jit.is_tracing():  # one node that mmboat.ops.flops counts (FLOP analysis)
+        return traced_clustering(x.detach(), cluster_size, iters, tau)
     return balanced_hierarchical_clustering_reference(x, cluster_size, iters, tau)
 
 
@@ -234,6 +237,8 @@ def _clustered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                                                               perm.contiguous(), cluster_size,
                                                               overlap, scale)
         return out
+    if torch.jit.is_tracing():  # one node that mmboat.ops.flops counts (FLOP analysis)
+        return traced_clustered_attention(query, key, value, perm, cluster_size, overlap, scale)
     return clustered_attention_reference(query, key, value, perm, cluster_size, overlap, scale)
 
 

@@ -3,9 +3,12 @@
     python tools/analysis_tools/get_flops.py CONFIG [--shape H [W]] [--cfg-options k=v ...]
         [--show-table] [--show-arch]
 
-Unlike the stock tools, mmboat's custom ops (``mmboat::na2d_*``, the FSLA ops) are counted: the
-model is traced with mmengine's ``FlopAnalyzer`` with the handles of ``mmboat.utils.flops``
-added. As in mmengine (and fvcore), one "FLOP" is one multiply-add.
+Unlike the stock tools, mmboat's custom ops (neighborhood attention, the FSLA clustering and
+clustered attention) and the window / stripe attention (``scaled_dot_product_attention``) are
+counted: the model is traced with mmengine's ``FlopAnalyzer`` with the handles of
+:mod:`mmboat.ops.flops` added (its docstring states what each op counts). As in mmengine (and
+fvcore), one "FLOP" is one multiply-add (MAC); the exact count and the count per operator are
+printed too.
 """
 import argparse
 import importlib
@@ -39,8 +42,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def mmboat_flop_handles() -> Dict[str, object]:
-    """FLOP handles of mmboat's custom ops (``{'mmboat::op': handle}``)."""
-    from mmboat.utils.flops import FLOP_HANDLES, register_flop_handles
+    """mmboat's FLOP handles (``{'mmboat::op': handle}``, plus the dense attention one)."""
+    from mmboat.ops.flops import FLOP_HANDLES, register_flop_handles
 
     register_flop_handles()  # into mmengine's default tables, for any later analyzer too
     return dict(FLOP_HANDLES)
@@ -123,11 +126,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             print(complexity_stats_str(flop_analyzer, ActivationAnalyzer(root, (inputs, ))))
     h, w = args.shape
     # by_operator drops the namespace: 'mmboat::na2d_forward' is listed as 'na2d_forward'.
-    mmboat_names = {name.split('::')[-1] for name in handles}
+    mmboat_names = {name.split('::')[-1] for name in handles if name.startswith('mmboat::')}
     mmboat_flops = sum(v for k, v in by_operator.items() if k in mmboat_names)
+    per_op = ', '.join(f'{k} {v}' for k, v in sorted(by_operator.items(), key=lambda kv: -kv[1]))
     split = '=' * 30
     print(f'{split}\nCompute type: {scope} model, input shape: (3, {h}, {w})\n'
           f'Flops: {_format_size(flops)} (mmboat ops: {_format_size(mmboat_flops)})\n'
+          f'MACs: {flops} ({per_op})\n'
           f'Params: {_format_size(params)}\nActivation: {_format_size(activations)}\n{split}')
     if unsupported:
         print(f'!!! mmboat ops without a FLOP handle (counted as 0): {unsupported}')

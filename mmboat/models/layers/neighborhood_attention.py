@@ -1,41 +1,14 @@
 """Neighborhood attention as an ``nn.Module`` (the attention layer of NAT and DiNAT)."""
-import functools
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmboat.ops import na2d, na2d_av, na2d_qk
-from mmboat.utils.flops import register_flop_handles
+from mmboat.ops.flops import traced_na2d
 
 __all__ = ['NeighborhoodAttention2d']
-
-register_flop_handles()
-
-
-@functools.lru_cache(None)
-def _traced_na2d_op():
-    """``mmboat::na2d_traced``: :func:`mmboat.ops.na2d` as one opaque op.
-
-    Used only while ``torch.jit`` traces the layer (mmengine's FLOP counting): the trace then
-    holds one node that :mod:`mmboat.utils.flops` counts, whichever implementation runs inside.
-    The compiled ops cannot be traced directly (``torch.jit`` rejects their ``bool[]``
-    argument) and the reference's gathers would be traced with baked-in index tables.
-    """
-
-    @torch.library.custom_op('mmboat::na2d_traced', mutates_args=())
-    def na2d_traced(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor],
-                    kernel_size: List[int], dilation: List[int], scale: float,
-                    impl: Optional[str]) -> Tensor:
-        return na2d(query, key, value, rpb, kernel_size=tuple(kernel_size),
-                    dilation=tuple(dilation), scale=scale, impl=impl)
-
-    @na2d_traced.register_fake
-    def _(query, key, value, rpb, kernel_size, dilation, scale, impl):
-        return torch.empty_like(query)
-
-    return na2d_traced
 
 
 class NeighborhoodAttention2d(nn.Module):
@@ -144,10 +117,9 @@ class NeighborhoodAttention2d(nn.Module):
             attn = self.attn_drop(attn.softmax(dim=-1))
             out = na2d_av(attn, v.contiguous(), kernel_size=self.kernel_size,
                           dilation=self.dilation, impl=self.impl)
-        elif torch.jit.is_tracing():
-            out = _traced_na2d_op()(q.contiguous(), k.contiguous(), v.contiguous(), self.rpb,
-                                    [self.kernel_size] * 2, [self.dilation] * 2, self.scale,
-                                    self.impl)
+        elif torch.jit.is_tracing():  # one node that mmboat.ops.flops counts (FLOP analysis)
+            out = traced_na2d(q.contiguous(), k.contiguous(), v.contiguous(), self.rpb,
+                              self.kernel_size, self.dilation, self.scale, self.impl)
         else:
             out = na2d(q.contiguous(), k.contiguous(), v.contiguous(), self.rpb,
                        kernel_size=self.kernel_size, dilation=self.dilation, scale=self.scale,
