@@ -1,10 +1,14 @@
 """Colour an image's tokens by their feature-space (FSLA) cluster in one BOAT block.
 
-    python tools/visualization/fsla_clusters.py IMAGE [--config CFG [--checkpoint CKPT]]
+    python tools/visualization/fsla_clusters.py IMAGE [--config CFG] [--checkpoint CKPT]
         [--fsla-index 0] [--img-size 224] [--out fsla_clusters.png]
 
-The image is resized to ``--img-size`` and run through the backbone (the config's, or a
-randomly initialised BOAT-Swin-T without ``--config``). The input of the chosen
+The image is resized to ``--img-size`` and run through the backbone (the config's, or BOAT-Swin-T
+without ``--config``) with the weights of ``--checkpoint``: a checkpoint of the model, or an
+official BOAT release, converted in memory (see ``vis_common.py``; a checkpoint of another family
+or architecture is refused). Without a checkpoint the weights are random, and the tool says so on
+the console and in the figure's title: such clusters show what an untrained model does. The
+input of the chosen
 ``FeatureSpaceLocalAttention`` module (``--fsla-index`` counts them in module order; ``--list``
 prints them) is captured, its queries are computed with the module's own ``qkv``, and
 ``mmboat.ops.balanced_hierarchical_clustering`` (the module's own ``cluster``) assigns every token
@@ -21,7 +25,7 @@ import numpy as np
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from na_receptive_field import text_header  # noqa: E402  (same folder)
+from vis_common import RANDOM_WEIGHTS, load_backbone, text_header  # noqa: E402  (same folder)
 
 DEFAULT_BACKBONE = dict(type='mmboat.BOATSwinTransformer', arch='tiny', out_indices=(0, 1, 2, 3))
 
@@ -29,41 +33,15 @@ DEFAULT_BACKBONE = dict(type='mmboat.BOATSwinTransformer', arch='tiny', out_indi
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Draw the FSLA clusters of a BOAT block')
     parser.add_argument('image', help='image file')
-    parser.add_argument('--config', help='config with a BOAT backbone (default: BOAT-Swin-T, '
-                        'random weights)')
-    parser.add_argument('--checkpoint', help='checkpoint for --config (optional)')
+    parser.add_argument('--config', help='config with a BOAT backbone (default: BOAT-Swin-T)')
+    parser.add_argument('--checkpoint', help='weights for the backbone: a checkpoint of the '
+                        'model or an official BOAT release (without it: random weights)')
     parser.add_argument('--fsla-index', type=int, default=0,
                         help='which FeatureSpaceLocalAttention module, in module order')
     parser.add_argument('--list', action='store_true', help='list the FSLA modules and exit')
     parser.add_argument('--img-size', type=int, default=224, help='resize the image to this')
     parser.add_argument('--out', default='fsla_clusters.png', help='output PNG')
     return parser.parse_args(argv)
-
-
-def build_backbone(config: Optional[str], checkpoint: Optional[str]):
-    from mmboat.utils import apply_stack_fixes
-
-    apply_stack_fixes()
-    from mmengine.registry import MODELS, init_default_scope
-
-    import mmboat.models  # noqa: F401
-    if config is None:
-        model = MODELS.build(DEFAULT_BACKBONE)
-    else:
-        from mmengine.config import Config
-        cfg = Config.fromfile(config)
-        scope = cfg.get('default_scope', None)
-        if scope is not None:
-            __import__(f'{scope}.utils', fromlist=['register_all_modules']).register_all_modules(
-                init_default_scope=False)
-            init_default_scope(scope)
-        model = MODELS.build(cfg.model)
-    if checkpoint:
-        from mmengine.runner import load_checkpoint
-        load_checkpoint(model, checkpoint, map_location='cpu')
-    else:
-        model.init_weights()
-    return getattr(model, 'backbone', model).eval()
 
 
 def fsla_modules(backbone) -> Dict[str, object]:
@@ -112,7 +90,11 @@ def main(argv: Optional[List[str]] = None):
     args = parse_args(argv)
     import torch
 
-    backbone = build_backbone(args.config, args.checkpoint)
+    backbone, weights, advice = load_backbone(args.config, args.checkpoint, DEFAULT_BACKBONE)
+    if weights is None:
+        print(f'WARNING: no --checkpoint: {type(backbone).__name__} has RANDOM weights, so the '
+              'clusters drawn are those of an untrained model, not of a trained BOAT; '
+              f'{advice}.')
     modules = fsla_modules(backbone)
     names = list(modules)
     if args.list:
@@ -157,7 +139,9 @@ def main(argv: Optional[List[str]] = None):
     gap = np.full((size, 4, 3), 255, np.uint8)
     row = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], 1)
     title = (f'FSLA clusters of {name}: {captured["hw"][0]}x{captured["hw"][1]} tokens, '
-             f'{num_clusters} clusters (m={module.cluster_size}); image, then one panel per head')
+             f'{num_clusters} clusters (m={module.cluster_size}); image, then one panel per head; '
+             + (RANDOM_WEIGHTS + ': an untrained model\'s clusters' if weights is None else
+                f'weights: {osp.basename(args.checkpoint)}'))
     picture = np.concatenate([text_header(title, row.shape[1]), row], 0)
     if not cv2.imwrite(args.out, picture):
         raise OSError(f'could not write {args.out}')

@@ -9,6 +9,11 @@ respect to the values is non-zero exactly on that query's keys (border shifting,
 and the padding of maps smaller than ``kernel_size * dilation`` included, as in the backbone).
 Kernel size and dilation come from the config's NAT/DiNAT backbone (``--stage``/``--block``)
 or from ``--kernel-size``/``--dilation``. Tokens of stage ``i`` cover ``4 * 2**i`` pixels.
+
+The window does not depend on the weights. ``--checkpoint`` is still checked against the config's
+backbone (see ``vis_common.py``: official NAT/DiNAT releases are read in memory, a checkpoint of
+another family or architecture is refused), and without one the tool says that the backbone has
+random weights, on the console and in the figure's title.
 """
 import argparse
 import math
@@ -20,6 +25,9 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+
+from vis_common import RANDOM_WEIGHTS, load_backbone, text_header  # noqa: E402  (same folder)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -28,7 +36,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--pixel', type=int, nargs=2, required=True, metavar=('Y', 'X'),
                         help='query pixel (row, column) in image coordinates')
     parser.add_argument('--config', help='config with a NAT/DiNAT backbone (optional)')
-    parser.add_argument('--checkpoint', help='checkpoint for --config (optional)')
+    parser.add_argument('--checkpoint', help='weights for --config\'s backbone (checked; the '
+                        'window does not depend on them)')
     parser.add_argument('--stage', type=int, default=0, help='backbone stage (0-3)')
     parser.add_argument('--block', type=int, default=0, help='block inside the stage')
     parser.add_argument('--kernel-size', type=int, default=7, help='without --config')
@@ -77,27 +86,8 @@ def na_window_mask(grid: Tuple[int, int], query: Tuple[int, int], kernel_size: i
     return mask[:height, :width]
 
 
-def backbone_window(config: str, checkpoint: Optional[str], stage: int,
-                    block: int) -> Tuple[int, int]:
-    """Kernel size and dilation of one block of the config's NAT/DiNAT backbone."""
-    from mmboat.utils import apply_stack_fixes
-
-    apply_stack_fixes()
-    from mmengine.config import Config
-    from mmengine.registry import MODELS, init_default_scope
-
-    import mmboat.models  # noqa: F401
-    cfg = Config.fromfile(config)
-    scope = cfg.get('default_scope', None)
-    if scope is not None:
-        __import__(f'{scope}.utils', fromlist=['register_all_modules']).register_all_modules(
-            init_default_scope=False)
-        init_default_scope(scope)
-    model = MODELS.build(cfg.model)
-    if checkpoint:
-        from mmengine.runner import load_checkpoint
-        load_checkpoint(model, checkpoint, map_location='cpu')
-    backbone = getattr(model, 'backbone', model)
+def backbone_window(backbone, stage: int, block: int) -> Tuple[int, int]:
+    """Kernel size and dilation of one block of a NAT/DiNAT backbone."""
     levels = getattr(backbone, 'levels', None)
     if levels is None:
         raise ValueError(f'{type(backbone).__name__} has no NA stages (`levels`); use a NAT or '
@@ -128,26 +118,25 @@ def draw(image: np.ndarray, mask: np.ndarray, query: Tuple[int, int], stride: in
     return np.concatenate([text_header(title, canvas.shape[1]), canvas], 0)
 
 
-def text_header(text: str, width: int) -> np.ndarray:
-    """White strip with ``text`` (split into lines at ``'; '``) in black."""
-    lines = text.split('; ')
-    header = np.full((8 + 18 * len(lines), width, 3), 255, np.uint8)
-    for i, line in enumerate(lines):
-        cv2.putText(header, line, (4, 18 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    return header
-
-
 def main(argv: Optional[List[str]] = None) -> np.ndarray:
     args = parse_args(argv)
     image = cv2.imread(args.image)
     if image is None:
         raise FileNotFoundError(f'could not read image {args.image}')
+    if args.checkpoint and not args.config:
+        raise ValueError('--checkpoint needs --config (the model it belongs to)')
     if args.config:
-        kernel_size, dilation = backbone_window(args.config, args.checkpoint, args.stage,
-                                                args.block)
+        backbone, weights, _ = load_backbone(args.config, args.checkpoint)
+        kernel_size, dilation = backbone_window(backbone, args.stage, args.block)
+        if weights is None:
+            print(f'WARNING: no --checkpoint: {type(backbone).__name__} has RANDOM weights. The '
+                  'window drawn does not depend on them (only on the block\'s kernel size and '
+                  'dilation), so it is the trained model\'s window too.')
+        source = (RANDOM_WEIGHTS + '; the window does not depend on the weights' if weights is None
+                  else f'weights: {osp.basename(args.checkpoint)}')
     else:
         kernel_size, dilation = args.kernel_size, args.dilation
+        source = 'no model: k and d from the command line'
     gh, gw, stride = stage_grid(image.shape[0], image.shape[1], args.stage)
     py, px = args.pixel
     if not (0 <= py < image.shape[0] and 0 <= px < image.shape[1]):
@@ -156,7 +145,8 @@ def main(argv: Optional[List[str]] = None) -> np.ndarray:
     query = (py // stride, px // stride)
     mask = na_window_mask((gh, gw), query, kernel_size, dilation)
     title = (f'NA window: stage {args.stage} ({gh}x{gw} tokens, stride {stride}), '
-             f'k={kernel_size}, d={dilation}; query token {query} (red): {int(mask.sum())} keys')
+             f'k={kernel_size}, d={dilation}; query token {query} (red): {int(mask.sum())} keys; '
+             f'{source}')
     picture = draw(image, mask, query, stride, title)
     if not cv2.imwrite(args.out, picture):
         raise OSError(f'could not write {args.out}')
