@@ -3,13 +3,15 @@
 Both tools parse the same launcher flags, apply mmboat's stack fixes and a CPU thread budget
 before anything imports mmdet/mmseg/mmpretrain, load a config with ``--cfg-options`` and the
 ``work_dir`` rule of the downstream tools, register the downstream library named by the config's
-``default_scope`` plus mmboat's backbones, make mmengine's DDP wrapper work on CPU and build the
-runner, and release the process group after a successful run.
+``default_scope`` plus mmboat's backbones, make mmengine's DDP wrapper work on CPU (gloo) and build
+the runner (whose environment print-out names the backend and the device in use), and release the
+process group after a successful run.
 
 Importing this module is light: mmengine, torch and the downstream libraries are imported inside
 the functions that need them.
 """
 import argparse
+import functools
 import importlib
 import os
 import os.path as osp
@@ -18,7 +20,8 @@ from typing import Dict, List, Optional
 __all__ = [
     'SCOPES', 'add_launcher_args', 'export_local_rank', 'prepare_environment', 'load_config',
     'register_downstream', 'setup_cpu_ddp', 'register_modules', 'build_runner',
-    'parse_with_launcher_args', 'release_distributed', 'configure_amp', 'check_checkpoint'
+    'parse_with_launcher_args', 'release_distributed', 'configure_amp', 'check_checkpoint',
+    'runner_class'
 ]
 
 # Downstream package per config ``default_scope``.
@@ -124,12 +127,24 @@ def register_downstream(cfg) -> str:
     return scope
 
 
+# Process-group backends that need an accelerator; a CPU run uses gloo instead.
+_DEVICE_BACKENDS = ('nccl', 'hccl', 'cncl', 'mccl')
+
+
 def setup_cpu_ddp(cfg) -> None:
-    """Make mmengine's DDP wrapper work on CPU (gloo): ``device_ids`` must be None there."""
+    """Make mmengine's DDP wrapper work on CPU (gloo): ``device_ids`` must be None there, and
+    the config's ``env_cfg.dist_cfg.backend`` names gloo (the backend the CPU launcher of
+    :func:`mmboat.utils.apply_stack_fixes` initialises) instead of nccl."""
     import torch
 
     if cfg.launcher == 'none' or torch.cuda.is_available():
         return
+    if cfg.get('env_cfg', None) is None:
+        cfg.env_cfg = dict(dist_cfg=dict(backend='nccl'))  # mmengine's default
+    if cfg.env_cfg.get('dist_cfg', None) is None:
+        cfg.env_cfg.dist_cfg = dict()
+    if cfg.env_cfg.dist_cfg.get('backend', 'nccl') in _DEVICE_BACKENDS:
+        cfg.env_cfg.dist_cfg.backend = 'gloo'
     wrapper = cfg.get('model_wrapper_cfg', None)
     if wrapper is None:
         wrapper = dict(type='MMDistributedDataParallel', broadcast_buffers=False,
@@ -206,13 +221,45 @@ def check_checkpoint(runner, checkpoint, allow_partial: bool = False) -> None:
         check_model_checkpoint(runner.model, checkpoint, allow_partial)
 
 
-def build_runner(cfg):
-    """``Runner.from_cfg(cfg)``, or the config's ``runner_type`` from ``RUNNERS``."""
-    from mmengine.registry import RUNNERS
+def _log_env(runner, env_cfg: dict) -> None:
+    """The environment print-out of mmboat's runner: mmengine's system environment plus
+    mmboat's extension, and :func:`mmboat.utils.collect_env.collect_runtime_env` (the backend
+    in use, the world size, the device), then the config, as mmengine does."""
+    from collections import OrderedDict
+
+    from mmengine.utils.dl_utils import collect_env as engine_env
+
+    from mmboat.utils.collect_env import collect_env, collect_runtime_env
+
+    system = OrderedDict(engine_env())
+    system.update((k, v) for k, v in collect_env().items() if k.startswith('mmboat'))
+    runtime = collect_runtime_env(env_cfg, runner._launcher, runner._world_size)
+    runtime.update(runner._randomness_cfg)
+    runtime['seed'] = runner._seed
+    sections = [f'{title}:\n' + '\n'.join(f'    {k}: {v}' for k, v in env.items())
+                for title, env in (('System environment', system),
+                                   ('Runtime environment', runtime))]
+    dashes = '-' * 60
+    runner.logger.info('\n'.join(['', dashes, sections[0], '', sections[1], dashes, '']))
+    if runner.cfg._cfg_dict:
+        runner.logger.info(f'Config:\n{runner.cfg.pretty_text}')
+
+
+@functools.lru_cache(None)
+def runner_class():
+    """mmengine's ``Runner`` with mmboat's environment print-out (see :func:`_log_env`)."""
     from mmengine.runner import Runner
 
+    return type('Runner', (Runner, ), dict(_log_env=_log_env, __module__=__name__))
+
+
+def build_runner(cfg):
+    """``Runner.from_cfg(cfg)`` (:func:`runner_class`), or the config's ``runner_type`` from
+    ``RUNNERS``."""
+    from mmengine.registry import RUNNERS
+
     if 'runner_type' not in cfg:
-        return Runner.from_cfg(cfg)
+        return runner_class().from_cfg(cfg)
     return RUNNERS.build(cfg)
 
 

@@ -12,7 +12,7 @@ import importlib
 import os
 import warnings
 from types import ModuleType
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -127,3 +127,159 @@ def missing_kernel(impl: Optional[str], what: str, op_name: str, device: torch.d
                       '(`pip install --no-build-isolation -e .` on a machine with its toolkit) '
                       'to get the compiled kernels.', RuntimeWarning, stacklevel=4)
     return False
+
+
+# The op families of mmboat's backbones: (part, compiled op that carries the choice). NAT/DiNAT
+# run the fused neighbourhood attention (na2d_qk/na2d_av, same kernels' build, when training
+# with attention dropout); BOAT's feature-space attention clusters, then attends.
+OP_FAMILIES: Dict[str, Tuple[Tuple[str, str], ...]] = {
+    'neighborhood attention': (('', 'na2d_forward'), ),
+    'feature-space attention': (('clustering', 'bhc_cluster'),
+                                ('attention', 'clustered_attention_forward')),
+}
+_logged_ops_impl = set()  # lines already logged by log_ops_impl
+
+
+def _op_has_kernel(op_name: str, device_type: str) -> bool:
+    """Whether the ops' own dispatch finds a compiled kernel of ``op_name`` for the device."""
+    if op_name.startswith('na'):
+        from .neighborhood_attention import neighborhood_attention_op_available
+        return neighborhood_attention_op_available(op_name, device_type)
+    key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type)
+    if key is None or not hasattr(torch.ops.mmboat, op_name):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f'mmboat::{op_name}', key)
+
+
+def _op_dtypes(op_name: str) -> Optional[Dict[str, Sequence[torch.dtype]]]:
+    """The dtypes the compiled ``op_name`` takes per device type (None: any)."""
+    if op_name.startswith('na'):
+        from .neighborhood_attention import _KERNEL_DTYPES
+        return _KERNEL_DTYPES
+    if op_name == 'clustered_attention_forward':
+        from .feature_space_attention import _ATTENTION_DTYPES
+        return _ATTENTION_DTYPES
+    return None
+
+
+def _impl_source(impl: Optional[str]) -> str:
+    """Where the requested implementation comes from, for messages."""
+    requested_impl(impl)  # a bad value stops here, naming the choices
+    if impl is not None:
+        return f'impl={impl!r} (model argument)'
+    if 'MMBOAT_OPS_IMPL' in os.environ:
+        return f'MMBOAT_OPS_IMPL={os.environ["MMBOAT_OPS_IMPL"]}'
+    return "impl 'auto' (MMBOAT_OPS_IMPL unset)"
+
+
+def _impl_choice(op_name: str, impl: Optional[str], device_type: str,
+                 dtype: torch.dtype) -> Tuple[str, str]:
+    """(implementation, why) for :func:`ops_impl_choice`; ``{ops}`` in ``why`` stands for the
+    op, so that :func:`describe_ops_impl` can name several ops with one reason."""
+    request = requested_impl(impl)
+    reference = f'pure-PyTorch reference ({device_type})'
+    if request == 'reference':
+        return reference, 'the reference is forced'
+    if not has_ext():
+        why = f'mmboat._ext did not load ({ext_error()})'
+    else:
+        info = ext_info()
+        build = (f"built with CUDA for {info['cuda_arch_list'] or 'the default archs'}"
+                 if info['with_cuda'] else 'a CPU-only build')
+        dtypes = _op_dtypes(op_name)
+        if not _op_has_kernel(op_name, device_type):
+            why = f'mmboat._ext ({build}) has no {device_type.upper()} kernel for {{ops}}'
+        elif dtypes is not None and dtype not in dtypes.get(device_type, ()):
+            names = '/'.join(str(d).replace('torch.', '') for d in dtypes.get(device_type, ()))
+            why = (f'the {device_type.upper()} kernels of {{ops}} take {names}, not '
+                   f"{str(dtype).replace('torch.', '')}")
+        else:
+            return (f'compiled {device_type.upper()} kernels (mmboat._ext)',
+                    f'mmboat._ext ({build}) has {device_type.upper()} kernels for {{ops}}')
+    if request == 'ext':
+        return 'error at the first call', f'the compiled op is required, but {why}'
+    return reference, why
+
+
+def ops_impl_choice(op_name: str,
+                    impl: Optional[str] = None,
+                    device: Union[str, torch.device] = 'cpu',
+                    dtype: Optional[torch.dtype] = None) -> Tuple[str, str]:
+    """Which implementation a call of the compiled op ``op_name`` takes, and why.
+
+    It follows the ops' dispatch (:func:`use_ext`, then the kernel and dtype checks of
+    :mod:`mmboat.ops.neighborhood_attention` / :mod:`mmboat.ops.feature_space_attention`).
+
+    Args:
+        op_name (str): The compiled op, e.g. ``'na2d_forward'``.
+        impl (str, optional): The ``impl`` argument of the layers (None reads
+            ``MMBOAT_OPS_IMPL``). Defaults to None.
+        device (str | torch.device): Where the op runs. Defaults to ``'cpu'``.
+        dtype (torch.dtype, optional): The inputs' dtype (None: the default dtype).
+            Defaults to None.
+
+    Returns:
+        tuple[str, str]: The implementation (``'compiled CPU kernels (mmboat._ext)'``,
+        ``'pure-PyTorch reference (cpu)'`` or ``'error at the first call'``) and the reason.
+    """
+    source = _impl_source(impl)
+    choice, why = _impl_choice(op_name, impl, torch.device(device).type,
+                               dtype or torch.get_default_dtype())
+    return choice, f'{source}: ' + why.format(ops=f'mmboat::{op_name}')
+
+
+def describe_ops_impl(families: Optional[Sequence[str]] = None,
+                      impl: Optional[str] = None,
+                      device: Optional[Union[str, torch.device]] = None,
+                      dtype: Optional[torch.dtype] = None) -> str:
+    """One line saying which implementation each mmboat op family runs on, and why.
+
+    Args:
+        families (Sequence[str], optional): Keys of :data:`OP_FAMILIES` (None: all).
+            Defaults to None.
+        impl (str, optional): As for :func:`ops_impl_choice`. Defaults to None.
+        device (str | torch.device, optional): Where the model runs (None: mmengine's
+            ``get_device()``, i.e. CUDA when available). Defaults to None.
+        dtype (torch.dtype, optional): The inputs' dtype (None: the default dtype).
+            Defaults to None.
+
+    Returns:
+        str: e.g. ``"mmboat ops (cpu, float32): neighborhood attention -> compiled CPU kernels
+        (mmboat._ext); reason: impl 'auto' (MMBOAT_OPS_IMPL unset): mmboat._ext (a CPU-only
+        build) has CPU kernels for mmboat::na2d_forward"``.
+    """
+    if device is None:
+        from mmengine.device import get_device
+        device = get_device()
+    device_type = torch.device(device).type
+    dtype = dtype or torch.get_default_dtype()
+    families = list(OP_FAMILIES) if families is None else list(families)
+    unknown = [f for f in families if f not in OP_FAMILIES]
+    if unknown:
+        raise ValueError(f'unknown mmboat op families {unknown}; known: {list(OP_FAMILIES)}')
+    parts = []
+    reasons: Dict[str, List[str]] = {}  # why -> the ops it is about
+    for family in families:
+        choices = [(part, op, *_impl_choice(op, impl, device_type, dtype))
+                   for part, op in OP_FAMILIES[family]]
+        if len({choice for _, _, choice, _ in choices}) == 1:
+            parts.append(f'{family} -> {choices[0][2]}')
+        else:
+            parts.append(f'{family} -> ' + ', '.join(f'{part}: {choice}'
+                                                     for part, _, choice, _ in choices))
+        for _, op, _, why in choices:
+            reasons.setdefault(why, []).append(f'mmboat::{op}')
+    why = '; '.join(w.format(ops=', '.join(ops)) for w, ops in reasons.items())
+    return (f"mmboat ops ({device_type}, {str(dtype).replace('torch.', '')}): " +
+            '; '.join(parts) + f'; reason: {_impl_source(impl)}: {why}')
+
+
+def log_ops_impl(families: Optional[Sequence[str]] = None, impl: Optional[str] = None) -> str:
+    """Log :func:`describe_ops_impl` through mmengine's current logger, once per process per
+    distinct line (the backbones call it when they are built). Returns the line."""
+    line = describe_ops_impl(families, impl)
+    if line not in _logged_ops_impl:
+        _logged_ops_impl.add(line)
+        from mmengine.logging import print_log
+        print_log(line, logger='current')
+    return line

@@ -55,6 +55,47 @@ def collect_env() -> Dict[str, object]:
     return env
 
 
+def collect_runtime_env(env_cfg: dict, launcher: str, world_size: int) -> Dict[str, object]:
+    """How this process runs: the runner's ``env_cfg`` with the backend actually in use, the
+    launcher, the world size and the device (mmboat's runners log it at start-up).
+
+    mmengine's own print-out repeats the config's ``dist_cfg`` (``nccl`` even where a CPU run
+    initialised ``gloo``) and calls the world size ``GPU number`` on CPU runs too.
+
+    Args:
+        env_cfg (dict): The runner's ``env_cfg``.
+        launcher (str): The ``--launcher`` value.
+        world_size (int): Processes in the run.
+
+    Returns:
+        dict: Ordered ``name: value`` pairs.
+    """
+    import copy
+
+    import torch.distributed as dist
+    from mmengine.device import get_device
+
+    env: Dict[str, object] = OrderedDict(copy.deepcopy(dict(env_cfg)))
+    distributed = dist.is_available() and dist.is_initialized()
+    backend = dist.get_backend() if distributed else None
+    if backend is not None and isinstance(env.get('dist_cfg'), dict):
+        env['dist_cfg'] = dict(env['dist_cfg'], backend=backend)
+    env['Distributed launcher'] = launcher
+    env['Distributed training'] = distributed
+    env['Distributed backend'] = backend or 'none (one process)'
+    env['World size'] = world_size
+    device = get_device()  # where mmengine's runner puts the model
+    if device == 'cpu':
+        threads = torch.get_num_threads()
+        env['Device'] = f'cpu ({threads} torch thread{"s" if threads > 1 else ""} per process)'
+        env['GPU number'] = 0
+    else:
+        name = torch.cuda.get_device_name() if device == 'cuda' else device
+        env['Device'] = f'{device} ({name}; one per process)'
+        env['GPU number'] = world_size
+    return env
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--short', action='store_true', help='only mmboat and the stack versions')

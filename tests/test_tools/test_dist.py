@@ -47,6 +47,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _runtime_env(log: str) -> dict:
+    """The ``Runtime environment:`` block of a runner's print-out, as a dict of strings."""
+    block = log.split('Runtime environment:\n', 1)[1].split('-' * 60, 1)[0]
+    return dict(line.strip().split(': ', 1) for line in block.splitlines() if ': ' in line)
+
+
+def _check_env_printout(log: str, world_size: int) -> None:
+    """The print-out names the backend and the device in use, and the ops line is there."""
+    env = _runtime_env(log)
+    assert env['Distributed training'] == 'True' and env['World size'] == str(world_size)
+    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+    assert env['Distributed backend'] == backend and f"'backend': '{backend}'" in env['dist_cfg']
+    if torch.cuda.is_available():
+        assert env['Device'].startswith('cuda (') and env['GPU number'] == str(world_size)
+    else:
+        assert env['Device'] == f'cpu (1 torch thread per process)', env
+        assert env['GPU number'] == '0'
+        assert 'nccl' not in log.split('Config:', 1)[0]
+    ops = [line for line in log.splitlines() if 'mmboat ops (' in line]
+    assert ops and 'neighborhood attention -> ' in ops[0] and 'reason: ' in ops[0], ops
+
+
+def test_runtime_env_of_a_gloo_group(tmp_path):
+    """A one-process gloo group: the print-out reports gloo and the device, not the config's
+    nccl; the tools' config names gloo too on a CPU-only machine."""
+    from mmengine.config import Config
+
+    from mmboat.engine.runner_setup import setup_cpu_ddp
+    from mmboat.utils.collect_env import collect_runtime_env
+
+    env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='nccl', timeout=60))
+    local = collect_runtime_env(env_cfg, 'none', 1)
+    assert local['Distributed training'] is False and local['dist_cfg']['backend'] == 'nccl'
+    assert local['Distributed backend'] == 'none (one process)'
+    dist = torch.distributed
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0,
+                            world_size=1)
+    try:
+        env = collect_runtime_env(env_cfg, 'pytorch', 1)
+    finally:
+        dist.destroy_process_group()
+    assert env['dist_cfg'] == dict(backend='gloo', timeout=60) and env['cudnn_benchmark'] is False
+    assert env['Distributed backend'] == 'gloo' and env['World size'] == 1
+    assert env_cfg['dist_cfg']['backend'] == 'nccl'  # the caller's dict is left alone
+    if not torch.cuda.is_available():
+        threads = torch.get_num_threads()
+        assert env['Device'].startswith(f'cpu ({threads} torch thread') and env['GPU number'] == 0
+
+    for given in (None, dict(cudnn_benchmark=False), dict(dist_cfg=dict(backend='nccl')),
+                  dict(dist_cfg=dict(backend='mpi'))):
+        cfg = Config(dict(launcher='pytorch') if given is None else
+                     dict(launcher='pytorch', env_cfg=given))
+        setup_cpu_ddp(cfg)
+        if torch.cuda.is_available():
+            assert cfg.get('env_cfg') == given
+        else:
+            backend = 'mpi' if given and given.get('dist_cfg', {}).get('backend') == 'mpi' \
+                else 'gloo'
+            assert cfg.env_cfg.dist_cfg.backend == backend, cfg.env_cfg
+
+
 @pytest.mark.slow
 def test_dist_train_two_cpu_processes(tmp_path):
     data_root = str(tmp_path / 'data')
@@ -66,6 +127,7 @@ def test_dist_train_two_cpu_processes(tmp_path):
     proc = run_script(['bash', osp.join(TOOLS, 'dist_train.sh'), str(config), '2', '--work-dir',
                        work_dir, '--cfg-options'] + tiny_seg_options(data_root, iters=3), env=env)
     assert proc.returncode == 0, proc.stdout[-4000:]
+    _check_env_printout(proc.stdout, world_size=2)
 
     for rank in (0, 1):
         with open(osp.join(work_dir, f'wrapper_rank{rank}.json')) as f:

@@ -17,6 +17,7 @@ from mmengine.model import BaseModule
 from mmboat.models.layers.cswin_attention import StripeAttention
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
 from mmboat.models.utils import DropPath, FrozenStagesMixin, PretrainedMixin, layer_depth
+from mmboat.ops.ext_loader import log_ops_impl
 from mmboat.registry import MODELS
 from .boat_swin import (MLP, _check_fsla_blocks, _check_out_indices, _init_module,
                         _linear_drop_path, check_arch)
@@ -290,6 +291,8 @@ class BOATCSWinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
         self.num_features = [self.embed_dims * 2**i for i in range(self.num_stages)]
         self.apply(_init_module)
         self._freeze_stages()
+        if any(self.fsla_blocks):  # which FSLA implementation runs, and why
+            log_ops_impl(['feature-space attention'])
 
     @property
     def num_fsla_modules(self) -> int:

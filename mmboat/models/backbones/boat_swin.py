@@ -19,6 +19,7 @@ from mmengine.model.weight_init import trunc_normal_
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
 from mmboat.models.layers.window_attention import ShiftedWindowAttention
 from mmboat.models.utils import DropPath, FrozenStagesMixin, PretrainedMixin, layer_depth
+from mmboat.ops.ext_loader import log_ops_impl
 from mmboat.registry import MODELS
 
 __all__ = ['BOATSwinTransformer', 'BOATSwinBlock', 'MLP']
@@ -349,6 +350,8 @@ class BOATSwinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
         self.num_features = [self.embed_dims * 2**i for i in range(self.num_stages)]
         self.apply(_init_module)
         self._freeze_stages()
+        if any(self.fsla_blocks):  # which FSLA implementation runs, and why
+            log_ops_impl(['feature-space attention'])
 
     @staticmethod
     def released_fsla_blocks(depths: Sequence[int], img_size: Tuple[int, int],

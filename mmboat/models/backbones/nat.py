@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from mmboat.models.layers.neighborhood_attention import NeighborhoodAttention2d
 from mmboat.models.utils import DropPath, FrozenStagesMixin, PretrainedMixin, layer_depth
+from mmboat.ops.ext_loader import log_ops_impl
 from mmboat.registry import MODELS
 
 __all__ = ['NAT', 'DiNAT', 'NATBlock', 'NATLevel', 'DILATION_SCHEDULES', 'resolve_dilations']
@@ -387,6 +388,7 @@ class NAT(FrozenStagesMixin, PretrainedMixin, BaseModule):
         for i in self.out_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
         self._freeze_stages()
+        log_ops_impl(['neighborhood attention'], impl)  # which NA implementation runs, and why
 
     def _parse_arch(self, arch: Union[str, dict]) -> dict:
         if isinstance(arch, str):
