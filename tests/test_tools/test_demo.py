@@ -2,11 +2,13 @@
 import glob
 import json
 import os.path as osp
+import re
+import sys
 
 import cv2
 import numpy as np
 import pytest
-from tool_helpers import TOOLS, run_script, synthetic
+from tool_helpers import TOOLS, load_tool, run_script, synthetic
 
 RING_CHANNEL = {2: 0, 3: 1, 4: 2}  # PNG class value -> dominant RGB channel of its ring
 
@@ -147,13 +149,63 @@ def test_chance_levels_against_simulation():
         syn.chance_levels([np.zeros((4, 4), np.uint8)])
 
 
+# mmengine's log lines as tools/train.py and tools/test.py write them.
+TRAIN_LINE = ('12/05 14:36:01 - mmengine - INFO - Iter(train) [ 4/12]  base_lr: 1.7778e-03 lr: '
+              '1.7778e-03  eta: 0:00:24  time: 3.0619  data_time: 0.0211  loss: 1.2695  '
+              'decode.loss_ce: 1.2695  decode.acc_seg: 81.8390')
+VAL_LINE = ('12/05 14:36:15 - mmengine - INFO - Iter(val) [1/1]    aAcc: 84.3500  mIoU: 21.0900  '
+            'mAcc: 25.0000  data_time: 0.0037  time: 0.4543')
+OPS_LINE = ("12/05 14:35:48 - mmengine - INFO - mmboat ops (cpu, float32): neighborhood attention "
+            "-> compiled CPU kernels (mmboat._ext); reason: impl 'auto' (MMBOAT_OPS_IMPL unset)")
+
+
+def test_progress_lines():
+    demo = load_tool('demo/run_demo.py')
+    assert demo.progress_line(TRAIN_LINE) == 'iter  4/12  loss 1.2695  eta 0:00:24'
+    assert demo.progress_line(VAL_LINE) == 'validation: aAcc 84.3500  mIoU 21.0900  mAcc 25.0000'
+    assert demo.progress_line(VAL_LINE.replace('Iter(val)', 'Iter(test)')).startswith('metrics:')
+    assert demo.progress_line(OPS_LINE) == OPS_LINE[OPS_LINE.index('mmboat ops'):]
+    for quiet in ('Config:', "crop_size = (64, 64)", 'Iter(val) [ 5/40]    eta: 0:00:02',
+                  'UserWarning: ... is deprecated', '    dist_cfg: {}'):
+        assert demo.progress_line(quiet) is None, quiet
+    assert demo.fmt_seconds(75.4) == '1m15s' and demo.fmt_seconds(0) == '0m00s'
+
+
+def test_run_tool_keeps_the_full_log_in_the_file(tmp_path, capsys):
+    demo = load_tool('demo/run_demo.py')
+    script = tmp_path / 'fake_tool.py'
+    script.write_text('import sys, warnings\n'
+                      'print("Config:\\ncrop_size = (64, 64)")\n'
+                      'warnings.warn("old API", DeprecationWarning)\n'
+                      f'print({TRAIN_LINE!r})\n'
+                      f'print({OPS_LINE!r}); print({OPS_LINE!r})\n'
+                      'sys.exit(int(sys.argv[1]))\n')
+    log_path = str(tmp_path / 'tool.log')
+    demo.run_tool(demo.Log(), 'train', [str(script), '0'], log_path)
+    console = capsys.readouterr().out.splitlines()
+    assert [re.sub(r'^\[demo \d\d:\d\d\] ', '', line) for line in console] == [
+        'train   iter  4/12  loss 1.2695  eta 0:00:24',
+        'train   ' + OPS_LINE[OPS_LINE.index('mmboat ops'):]]  # once, though logged twice
+    with open(log_path) as f:
+        text = f.read()
+    assert text.startswith(f'$ {sys.executable} {script} 0\n')
+    for expected in ('crop_size = (64, 64)', 'DeprecationWarning: old API', TRAIN_LINE):
+        assert expected in text
+    with pytest.raises(RuntimeError, match=r'fake_tool.py failed with exit code 3 \(full log'):
+        demo.run_tool(demo.Log(), 'test', [str(script), '3'], log_path)
+    console = capsys.readouterr().out
+    assert 'failed with exit code 3; the last lines of' in console
+    assert '    | crop_size = (64, 64)' in console  # the log's tail, shown on failure
+
+
 @pytest.mark.slow
 def test_demo_quick_run(tmp_path):
     work_dir = str(tmp_path / 'demo')
     proc = run_script([osp.join(TOOLS, 'demo', 'run_demo.py'), '--quick', '--work-dir',
-                       work_dir], env={'MMBOAT_NUM_THREADS': '2'})
+                       work_dir, '--setup-seconds', '5'], env={'MMBOAT_NUM_THREADS': '2'})
     assert proc.returncode == 0, proc.stdout[-4000:]
-    tail = proc.stdout.strip().splitlines()[-9:]
+    lines = proc.stdout.strip().splitlines()
+    tail = lines[-13:]
     assert any('mIoU on 8 validation images' in line for line in tail)
     assert any('chance level' in line for line in tail)
     with open(osp.join(work_dir, 'result.json')) as f:
@@ -162,6 +214,30 @@ def test_demo_quick_run(tmp_path):
     picture = cv2.imread(result['picture'])
     assert picture is not None and picture.shape[0] > picture.shape[1]
     assert result['picture'] in '\n'.join(tail)
+
+    # A compact console: progress lines per phase, iterations of training, a summary; the full
+    # logs (environment, config dumps, warnings) in the work dir.
+    assert len(lines) < 40, proc.stdout
+    progress = [line for line in lines if line.startswith('[demo ')]
+    phases = [line.split('] ', 1)[1].split()[0] for line in progress]
+    assert phases[0] == 'data' and phases[-1] == 'picture'
+    assert set(phases) == {'data', 'train', 'test', 'picture'}
+    assert [line.split('iter ')[1].split()[0] for line in progress
+            if 'train   iter' in line] == ['4/12', '8/12', '12/12']
+    assert any('mmboat ops (cpu' in line or 'mmboat ops (cuda' in line for line in progress)
+    for noise in ('Config:', 'Runtime environment', 'Warning', 'crop_size'):
+        assert noise not in proc.stdout, noise
+    for tool in ('train', 'test'):
+        log_path = result['logs'][tool]
+        assert log_path in '\n'.join(tail) and osp.dirname(log_path) == work_dir
+        with open(log_path) as f:
+            text = f.read()
+        assert 'Config:' in text and 'Runtime environment' in text
+    summary = next(line for line in tail if 'time per phase' in line)
+    assert re.fullmatch(r'  time per phase: setup 0m05s, data \dm\d\ds, train \dm\d\ds, '
+                        r'test \dm\d\ds, picture \dm\d\ds', summary), summary
+    assert list(result['phase_seconds']) == ['setup', 'data', 'train', 'test', 'picture']
+    assert result['phase_seconds']['train'] > 0
 
 
 @pytest.mark.slow
