@@ -6,27 +6,10 @@
 #include <string>
 
 #include "checks.h"
-#include "neighborhood_attention.h"  // csrc/common: the window rule (torch-free)
+#include "neighborhood_attention.h"  // csrc/common: the window rule and Shape3d (torch-free)
 
 namespace mmboat {
 namespace na {
-
-// A problem seen as 3-D: a 1-D input [B, h, L, D] is [B, h, 1, 1, L, D], a 2-D input
-// [B, h, H, W, D] is [B, h, 1, H, W, D]; unused leading axes have k = d = 1, not causal.
-struct Shape3d {
-  int64_t batch = 0, heads = 0, dim = 0;
-  int64_t size[3] = {1, 1, 1};
-  int kernel[3] = {1, 1, 1};
-  int dilation[3] = {1, 1, 1};
-  bool causal[3] = {false, false, false};
-  bool has_rpb = false;
-
-  int64_t tokens() const { return size[0] * size[1] * size[2]; }
-  int64_t slots() const { return int64_t(kernel[0]) * kernel[1] * kernel[2]; }
-  // rpb table extents per axis (1 on the unused leading axes).
-  int64_t bias_extent(int axis) const { return 2 * kernel[axis] - 1; }
-  int64_t bias_size() const { return bias_extent(0) * bias_extent(1) * bias_extent(2); }
-};
 
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
   const auto st = t.scalar_type();

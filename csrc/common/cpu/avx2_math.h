@@ -1,0 +1,133 @@
+// AVX2 targeting and math shared by the CPU kernels of csrc/common/cpu/ (torch-free).
+//
+// The build targets baseline x86-64, so the extension loads on any x86-64 CPU; AVX2 code is
+// compiled in functions that carry a target attribute and runs only where cpu_has_avx2() says
+// so. That is the one targeting mechanism of the CPU kernels:
+//  * MMBOAT_AVX2 (AVX2 + FMA) marks the hand-written intrinsic kernels and the MMBOAT_FLATTEN
+//    instances that inline a generic template around them (e.g. the NA fused loops over
+//    Avx2Ops).
+//  * MMBOAT_AVX2_VEC (AVX2 without FMA) marks the AVX2 instances of generic loops that the
+//    compiler vectorises (the FSLA generic split and leaf loops). Without FMA the compiler cannot
+//    contract a * b + c, and vectorising keeps every element's operations, so such an instance
+//    gives exactly the bits of its baseline instance, only faster.
+// The caller picks an instance per call (avx2_or), never per element.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define MMBOAT_X86 1
+#include <immintrin.h>
+#define MMBOAT_AVX2 __attribute__((target("avx2,fma")))
+#define MMBOAT_AVX2_VEC __attribute__((target("avx2")))
+#else
+#define MMBOAT_X86 0
+#define MMBOAT_AVX2_VEC
+#endif
+
+#if defined(__GNUC__)
+#define MMBOAT_INLINE inline __attribute__((always_inline))
+#define MMBOAT_FLATTEN __attribute__((flatten))
+#else
+#define MMBOAT_INLINE inline
+#define MMBOAT_FLATTEN
+#endif
+
+namespace mmboat {
+namespace simd {
+
+#if MMBOAT_X86
+inline bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#else
+inline bool cpu_has_avx2() { return false; }
+#endif
+
+// `avx2` where the CPU runs AVX2 code (and it is given), else `baseline`: how callers choose
+// between the two instances of a kernel.
+template <typename Fn>
+Fn avx2_or(Fn baseline, Fn avx2) {
+  return avx2 != nullptr && cpu_has_avx2() ? avx2 : baseline;
+}
+
+// AVX2 kernels specialised on the head dim are templates on NC = d / 8 (registers hold a row);
+// MMBOAT_NC_TABLE lists the instances for NC = 1..8 and pick_avx2 returns the one for head dim
+// d, or nullptr where they do not apply (d not a multiple of 8 up to 64, or no AVX2 + FMA).
+#define MMBOAT_NC_TABLE(kernel) \
+  { kernel<1>, kernel<2>, kernel<3>, kernel<4>, kernel<5>, kernel<6>, kernel<7>, kernel<8> }
+
+template <typename Fn>
+Fn pick_avx2(int64_t d, const Fn (&table)[8]) {
+  if (d <= 0 || d % 8 != 0 || d > 64 || !cpu_has_avx2()) return nullptr;
+  return table[d / 8 - 1];
+}
+
+#if MMBOAT_X86
+// Lane j of the result is the sum of the 8 lanes of aj.
+MMBOAT_AVX2 inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4,
+                                __m256 a5, __m256 a6, __m256 a7) {
+  const __m256 t0 = _mm256_hadd_ps(a0, a1);
+  const __m256 t1 = _mm256_hadd_ps(a2, a3);
+  const __m256 t2 = _mm256_hadd_ps(a4, a5);
+  const __m256 t3 = _mm256_hadd_ps(a6, a7);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1);
+  const __m256 u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Sum of the 8 lanes.
+MMBOAT_AVX2 inline float hsum1(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for x <= ~88: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2] (Cephes polynomial,
+// ~2 ulp); inputs below -87 flush to 0.
+MMBOAT_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 too_small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// exp(x) for softmax arguments x <= 0 (Cody-Waite reduction, degree-7 Taylor polynomial, the
+// 8-lane form of the FSLA scalar softmax_exp); NaN stays NaN.
+MMBOAT_AVX2 inline __m256 exp8_nonpos(__m256 x) {
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 r =
+      _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), shifter), shifter);
+  __m256 f = _mm256_fnmadd_ps(r, _mm256_set1_ps(0.693145752f), x);
+  f = _mm256_fnmadd_ps(r, _mm256_set1_ps(1.42860677e-06f), f);
+  __m256 p = _mm256_set1_ps(1.98412698e-04f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.38888889e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.33333333e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(4.16666667e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.66666667e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_max_epi32(_mm256_cvttps_epi32(r), _mm256_set1_epi32(-126));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+}  // namespace simd
+}  // namespace mmboat
