@@ -86,11 +86,14 @@ MMBOAT_AVX2 inline float hsum1(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
-// exp(x) for x <= ~88: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2] (Cephes polynomial,
-// ~2 ulp); inputs below -87 flush to 0.
+// exp(x) on 8 lanes, the one AVX2 exp of the CPU kernels (softmax weights of NA and FSLA, the
+// FSLA soft assignment): 2^n * p(r), n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2]
+// (two-constant reduction, Cephes polynomial, ~2 ulp). Arguments above 88 are clamped to 88,
+// below -87 the result is 0 (as is exp(-inf)); NaN stays NaN (the clamps take x as their second
+// operand, which max/min return when either is NaN).
 MMBOAT_AVX2 inline __m256 exp8(__m256 x) {
   const __m256 too_small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -105,27 +108,6 @@ MMBOAT_AVX2 inline __m256 exp8(__m256 x) {
   const __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(too_small, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
-// exp(x) for softmax arguments x <= 0 (Cody-Waite reduction, degree-7 Taylor polynomial, the
-// 8-lane form of the FSLA scalar softmax_exp); NaN stays NaN.
-MMBOAT_AVX2 inline __m256 exp8_nonpos(__m256 x) {
-  const __m256 shifter = _mm256_set1_ps(12582912.0f);
-  const __m256 r =
-      _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), shifter), shifter);
-  __m256 f = _mm256_fnmadd_ps(r, _mm256_set1_ps(0.693145752f), x);
-  f = _mm256_fnmadd_ps(r, _mm256_set1_ps(1.42860677e-06f), f);
-  __m256 p = _mm256_set1_ps(1.98412698e-04f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.38888889e-03f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.33333333e-03f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(4.16666667e-02f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.66666667e-01f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_max_epi32(_mm256_cvttps_epi32(r), _mm256_set1_epi32(-126));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 #endif
 

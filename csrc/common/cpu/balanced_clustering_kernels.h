@@ -359,7 +359,7 @@ MMBOAT_AVX2 inline void finish_centroid(__m256* c, float scale, float* tmp) {
 // larger logit taken out, e / (1 + e) or 1 / (1 + e) for e = exp(-|dz|). NaN stays NaN.
 MMBOAT_AVX2 inline __m256 soft_assign0_diff8(__m256 dz) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 e = simd::exp8_nonpos(_mm256_or_ps(dz, _mm256_set1_ps(-0.0f)));  // exp(-|dz|)
+  const __m256 e = simd::exp8(_mm256_or_ps(dz, _mm256_set1_ps(-0.0f)));  // exp(-|dz|)
   const __m256 num = _mm256_blendv_ps(one, e, _mm256_cmp_ps(dz, _mm256_setzero_ps(), _CMP_LT_OQ));
   return _mm256_div_ps(num, _mm256_add_ps(one, e));
 }

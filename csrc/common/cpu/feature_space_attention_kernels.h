@@ -336,7 +336,7 @@ MMBOAT_AVX2 void attention_forward_leaf_avx2(const float* q, const int64_t* perm
     for (int64_t j = count & ~int64_t(7); j < count; ++j) mx = p[j] > mx ? p[j] : mx;
     const __m256 shift = _mm256_set1_ps(mx);
     for (int64_t j = 0; j < padded; j += 8)
-      _mm256_storeu_ps(p + j, simd::exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(p + j), shift)));
+      _mm256_storeu_ps(p + j, simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), shift)));
     __m256 acc[NC];
     for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
     float sum = 0.f;
@@ -385,7 +385,7 @@ MMBOAT_AVX2 void attention_backward_leaf_avx2(const float* q, const float* grad_
     const float delta = simd::hsum1(acc);
     const __m256 l = _mm256_set1_ps(lse[tok]);
     for (int64_t j = 0; j < padded; j += 8) {
-      _mm256_storeu_ps(p + j, simd::exp8_nonpos(_mm256_fmsub_ps(dots8<NC>(qv, kr + j * d), scale_v, l)));
+      _mm256_storeu_ps(p + j, simd::exp8(_mm256_fmsub_ps(dots8<NC>(qv, kr + j * d), scale_v, l)));
       _mm256_storeu_ps(dp + j, dots8<NC>(gv, vr + j * d));
     }
     __m256 gq[NC];
