@@ -12,11 +12,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define MMBOAT_HD __host__ __device__ __forceinline__
-#else
-#define MMBOAT_HD inline
-#endif
+#include "kernel_defs.h"
 
 namespace mmboat {
 namespace na {

@@ -10,7 +10,7 @@
 //    compiler vectorises (the FSLA generic split and leaf loops). Without FMA the compiler cannot
 //    contract a * b + c, and vectorising keeps every element's operations, so such an instance
 //    gives exactly the bits of its baseline instance, only faster.
-// The caller picks an instance per call (avx2_or), never per element.
+// The caller picks an instance per call (avx2_or, generic_instance), never per element.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +50,22 @@ inline bool cpu_has_avx2() { return false; }
 template <typename Fn>
 Fn avx2_or(Fn baseline, Fn avx2) {
   return avx2 != nullptr && cpu_has_avx2() ? avx2 : baseline;
+}
+
+// The two instances of a generic kernel, whose code is Kernel::run (MMBOAT_INLINE): for the
+// baseline ISA and for AVX2 without FMA (MMBOAT_AVX2_VEC). generic_instance<Fn, Kernel>() is
+// the one this CPU runs, as a pointer of type Fn (its parameter types are the instances').
+template <class Kernel, typename... Args>
+void run_baseline(Args... args) {
+  Kernel::run(args...);
+}
+template <class Kernel, typename... Args>
+MMBOAT_AVX2_VEC void run_avx2_vec(Args... args) {
+  Kernel::run(args...);
+}
+template <typename Fn, class Kernel>
+Fn generic_instance() {
+  return avx2_or<Fn>(&run_baseline<Kernel>, &run_avx2_vec<Kernel>);
 }
 
 // AVX2 kernels specialised on the head dim are templates on NC = d / 8 (registers hold a row);

@@ -228,7 +228,7 @@ inline void child_halves(int64_t n, int64_t (&bounds)[5]) {
 }
 
 // The generic split of one group with n >= 2 tokens (see split_group). Its loops are written
-// for the compiler to vectorise; split_group_generic_avx2 is its AVX2 instance.
+// for the compiler to vectorise (SplitGroupLoops below gives its AVX2 instance).
 MMBOAT_INLINE void split_group_generic(const GroupIO& io, int64_t d, int64_t* order, int64_t n,
                                        int64_t iters, float tau, SplitScratch& s) {
   const float* feats = io.feats;
@@ -295,16 +295,13 @@ MMBOAT_INLINE void split_group_generic(const GroupIO& io, int64_t d, int64_t* or
   });
 }
 
-inline void split_group_generic_baseline(const GroupIO& io, int64_t d, int64_t* order,
-                                         int64_t n, int64_t iters, float tau, SplitScratch& s) {
-  split_group_generic(io, d, order, n, iters, tau, s);
-}
-
-MMBOAT_AVX2_VEC inline void split_group_generic_avx2(const GroupIO& io, int64_t d, int64_t* order,
-                                                     int64_t n, int64_t iters, float tau,
-                                                     SplitScratch& s) {
-  split_group_generic(io, d, order, n, iters, tau, s);
-}
+// split_group_generic as a kernel of simd::generic_instance (baseline and AVX2 instances).
+struct SplitGroupLoops {
+  template <typename... Args>
+  static MMBOAT_INLINE void run(Args... args) {
+    split_group_generic(args...);
+  }
+};
 
 #if MMBOAT_X86
 // ---------------------------------------------------------------------------------------------
@@ -647,8 +644,9 @@ inline void split_group(const GroupIO& io, int64_t d, int64_t* order, int64_t n,
 #if MMBOAT_X86
   if (split_group_avx2(io, d, order, n, iters, tau, s)) return;
 #endif
-  simd::avx2_or(&split_group_generic_baseline, &split_group_generic_avx2)(io, d, order, n, iters,
-                                                                         tau, s);
+  using Split = void (*)(const GroupIO&, int64_t, int64_t*, int64_t, int64_t, float,
+                        SplitScratch&);
+  simd::generic_instance<Split, SplitGroupLoops>()(io, d, order, n, iters, tau, s);
 }
 
 // Clusters `rows` = batch * heads rows of n tokens with d float features: token t of row r is

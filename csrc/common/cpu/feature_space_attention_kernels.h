@@ -261,36 +261,21 @@ MMBOAT_INLINE void attention_backward_leaf(const T* q, const T* grad_out, const 
   }
 }
 
-// The baseline and AVX2 instances of the generic leaves (the same code, vectorised for AVX2 by
-// the compiler).
+// The generic leaves as kernels of simd::generic_instance (baseline and AVX2 instances).
 template <typename T>
-void attention_forward_leaf_baseline(const T* q, const int64_t* perm_row, const LeafKeys& keys,
-                                     int64_t d, T scale, LeafBuffers<T>& buf, T* out, T* lse) {
-  attention_forward_leaf(q, perm_row, keys, d, scale, buf, out, lse);
-}
+struct ForwardLeafLoops {
+  template <typename... Args>
+  static MMBOAT_INLINE void run(Args... args) {
+    attention_forward_leaf<T>(args...);
+  }
+};
 template <typename T>
-MMBOAT_AVX2_VEC void attention_forward_leaf_vec(const T* q, const int64_t* perm_row,
-                                                const LeafKeys& keys, int64_t d, T scale,
-                                                LeafBuffers<T>& buf, T* out, T* lse) {
-  attention_forward_leaf(q, perm_row, keys, d, scale, buf, out, lse);
-}
-template <typename T>
-void attention_backward_leaf_baseline(const T* q, const T* grad_out, const T* out, const T* lse,
-                                      const int64_t* perm_row, const LeafKeys& keys, int64_t d,
-                                      T scale, LeafBuffers<T>& buf, T* grad_q, T* grad_k,
-                                      T* grad_v) {
-  attention_backward_leaf(q, grad_out, out, lse, perm_row, keys, d, scale, buf, grad_q, grad_k,
-                          grad_v);
-}
-template <typename T>
-MMBOAT_AVX2_VEC void attention_backward_leaf_vec(const T* q, const T* grad_out, const T* out,
-                                                 const T* lse, const int64_t* perm_row,
-                                                 const LeafKeys& keys, int64_t d, T scale,
-                                                 LeafBuffers<T>& buf, T* grad_q, T* grad_k,
-                                                 T* grad_v) {
-  attention_backward_leaf(q, grad_out, out, lse, perm_row, keys, d, scale, buf, grad_q, grad_k,
-                          grad_v);
-}
+struct BackwardLeafLoops {
+  template <typename... Args>
+  static MMBOAT_INLINE void run(Args... args) {
+    attention_backward_leaf<T>(args...);
+  }
+};
 
 #if MMBOAT_X86
 // Logits of one query row (qv) with 8 keys by row from kj: lane r = key r.
@@ -431,8 +416,7 @@ ForwardLeaf<T> forward_leaf(int64_t d, bool* keys_by_row) {
   }
 #endif
   *keys_by_row = false;
-  return simd::avx2_or<ForwardLeaf<T>>(&attention_forward_leaf_baseline<T>,
-                                       &attention_forward_leaf_vec<T>);
+  return simd::generic_instance<ForwardLeaf<T>, ForwardLeafLoops<T>>();
 }
 
 template <typename T>
@@ -447,8 +431,7 @@ BackwardLeaf<T> backward_leaf(int64_t d, bool* keys_by_row) {
   }
 #endif
   *keys_by_row = false;
-  return simd::avx2_or<BackwardLeaf<T>>(&attention_backward_leaf_baseline<T>,
-                                        &attention_backward_leaf_vec<T>);
+  return simd::generic_instance<BackwardLeaf<T>, BackwardLeafLoops<T>>();
 }
 
 // out and lse ([rows, n, d] and [rows, n]) of attention within the leaves of perm ([rows, n],

@@ -60,7 +60,7 @@ constexpr int kMaxWindowRows = 512;
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t>
 struct Problem {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   Shape3d s;
   acc_t scale = 1;
   const scalar_t* rpb = nullptr;  // [heads, bias extents...]
@@ -287,9 +287,9 @@ struct Scratch {
 template <class Ops, typename scalar_t>
 MMBOAT_INLINE void fused_forward_range(const Problem<scalar_t>& P, const scalar_t* q,
                                        const scalar_t* k, const scalar_t* v, scalar_t* out,
-                                       typename AccOf<scalar_t>::type* lse, int64_t begin,
+                                       typename AccType<scalar_t>::type* lse, int64_t begin,
                                        int64_t end, int64_t wchunk) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   const Shape3d& s = P.s;
   const int dim = int(s.dim);
   const int64_t hw = s.size[1] * s.size[2];
@@ -379,7 +379,7 @@ bool use_avx2(const Shape3d& s) {
 template <typename scalar_t, class Parallel>
 void fused_forward(const Parallel& par, const Problem<scalar_t>& P, const scalar_t* q,
                    const scalar_t* k, const scalar_t* v, scalar_t* out,
-                   typename AccOf<scalar_t>::type* lse) {
+                   typename AccType<scalar_t>::type* lse) {
   const Shape3d& s = P.s;
   const int64_t wchunk = 64;
   const int64_t ntasks = s.batch * s.heads * s.size[0] * s.size[1] *
@@ -402,7 +402,7 @@ void fused_forward(const Parallel& par, const Problem<scalar_t>& P, const scalar
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t>
 struct BackwardArgs {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   const scalar_t *dout, *q, *k, *v, *out;
   const acc_t* lse;
   scalar_t* dq;
@@ -422,11 +422,11 @@ struct BackwardArgs {
 //     are read and written once per piece, for all its query rows together.
 template <class Ops, typename scalar_t>
 MMBOAT_INLINE void fused_backward_row(const Problem<scalar_t>& P, const BackwardArgs<scalar_t>& A,
-                                      Scratch<typename AccOf<scalar_t>::type>& sc,
+                                      Scratch<typename AccType<scalar_t>::type>& sc,
                                       RowWindow* rws, int64_t task, int64_t bh, int64_t t,
                                       int64_t h, int nq, int64_t w0, int64_t w1,
                                       int64_t wstep) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   const Shape3d& s = P.s;
   const int dim = int(s.dim);
   const int64_t bh_stride = s.tokens() * s.dim;
@@ -598,10 +598,10 @@ MMBOAT_AVX2 MMBOAT_FLATTEN inline void fused_backward_row_avx2(
 template <typename scalar_t, class Parallel>
 void fused_backward(const Parallel& par, const Problem<scalar_t>& P, const scalar_t* dout,
                     const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* out,
-                    const typename AccOf<scalar_t>::type* lse, scalar_t* dq,
-                    typename AccOf<scalar_t>::type* dk, typename AccOf<scalar_t>::type* dv,
-                    typename AccOf<scalar_t>::type* drpb) {
-  using acc_t = typename AccOf<scalar_t>::type;
+                    const typename AccType<scalar_t>::type* lse, scalar_t* dq,
+                    typename AccType<scalar_t>::type* dk, typename AccType<scalar_t>::type* dv,
+                    typename AccType<scalar_t>::type* drpb) {
+  using acc_t = typename AccType<scalar_t>::type;
   const Shape3d& s = P.s;
   const TaskGrid g = make_grid(s);
   std::vector<acc_t> dbias;
@@ -645,12 +645,25 @@ void fused_backward(const Parallel& par, const Problem<scalar_t>& P, const scala
 // Unfused ops (generic loops; they serve attention maps and NATTEN<=0.17-style code). The
 // attention map has one column per window slot (prod(kernel_size) of them).
 // ------------------------------------------------------------------------------------------
+// One query of the unfused loops: its window's n slots are listed in sc (off, bias, slot).
+template <typename acc_t>
+struct QueryTask {
+  Scratch<acc_t>& sc;
+  int n;
+  int64_t task;  // the phased task that runs it (for_each_query_phased)
+  int64_t bh;    // batch * heads + head
+  int64_t tok;   // token, flat over [B, heads, *spatial]
+  int64_t kv;    // offset of its (b, head) slice in key / value rows: bh * tokens * head_dim
+  int64_t map;   // offset of its attention-map row: tok * slots
+};
+
+// fn(QueryTask) for every query, in parallel over (b, head, axis0, axis1) rows.
 template <typename scalar_t, class Parallel, typename Fn>
 void for_each_query(const Parallel& par, const Problem<scalar_t>& P, const Fn& fn) {
+  using acc_t = typename AccType<scalar_t>::type;
   const Shape3d& s = P.s;
   const int64_t rows = s.batch * s.heads * s.size[0] * s.size[1];
   par.for_range(0, rows, 1, [&](int64_t begin, int64_t end) {
-    using acc_t = typename AccOf<scalar_t>::type;
     Scratch<acc_t> sc(s.slots(), s.dim);
     RowWindow rw;
     for (int64_t row = begin; row < end; ++row) {
@@ -660,57 +673,19 @@ void for_each_query(const Parallel& par, const Problem<scalar_t>& P, const Fn& f
       build_row(P, t, h, rw);
       for (int64_t w = 0; w < s.size[2]; ++w) {
         const int n = build_slots(P, rw, w, sc.off.data(), sc.bias.data(), sc.slot.data());
-        fn(sc, bh, row * s.size[2] + w, n);
+        const int64_t tok = row * s.size[2] + w;
+        fn(QueryTask<acc_t>{sc, n, 0, bh, tok, bh * s.tokens() * s.dim, tok * s.slots()});
       }
     }
   });
 }
 
-// attn[query, slot] = q . k (+ rpb); slots outside a causal window are -inf.
-template <typename scalar_t, class Parallel>
-void qk_forward(const Parallel& par, const Problem<scalar_t>& P, const scalar_t* q,
-                const scalar_t* k, scalar_t* attn) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  const Shape3d& s = P.s;
-  const int64_t bh_stride = s.tokens() * s.dim;
-  const int64_t K = s.slots();
-  for_each_query(par, P, [&](Scratch<acc_t>& sc, int64_t bh, int64_t tok, int n) {
-    for (int d = 0; d < s.dim; ++d) sc.q[d] = static_cast<acc_t>(q[tok * s.dim + d]);
-    GenericOps<scalar_t>::dots(sc.q.data(), k + bh * bh_stride, sc.off.data(), n, int(s.dim),
-                               sc.a.data());
-    scalar_t* ai = attn + tok * K;
-    for (int64_t j = 0; j < K; ++j) ai[j] = -std::numeric_limits<scalar_t>::infinity();
-    const scalar_t* rb = P.rpb ? P.rpb + (bh % s.heads) * s.bias_size() : nullptr;
-    for (int j = 0; j < n; ++j) {
-      acc_t v = sc.a[j];
-      if (rb) v += static_cast<acc_t>(rb[sc.bias[j]]);
-      ai[sc.slot[j]] = static_cast<scalar_t>(v);
-    }
-  });
-}
-
-// out = sum over the window's slots of attn[query, slot] * v.
-template <typename scalar_t, class Parallel>
-void av_forward(const Parallel& par, const Problem<scalar_t>& P, const scalar_t* attn,
-                const scalar_t* v, scalar_t* out) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  const Shape3d& s = P.s;
-  const int64_t bh_stride = s.tokens() * s.dim;
-  const int64_t K = s.slots();
-  for_each_query(par, P, [&](Scratch<acc_t>& sc, int64_t bh, int64_t tok, int n) {
-    for (int j = 0; j < n; ++j) sc.a[j] = static_cast<acc_t>(attn[tok * K + sc.slot[j]]);
-    std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
-    GenericOps<scalar_t>::weighted_sum(sc.a.data(), v + bh * bh_stride, sc.off.data(), n,
-                                       int(s.dim), sc.acc.data());
-    for (int d = 0; d < s.dim; ++d) out[tok * s.dim + d] = static_cast<scalar_t>(sc.acc[d]);
-  });
-}
-
-// Phased scatter over queries for the unfused backwards (see run_phased).
+// fn(QueryTask) for every query, phased as the fused backward (see run_phased): queries that
+// run together never share a key.
 template <typename scalar_t, class Parallel, typename Fn>
 void for_each_query_phased(const Parallel& par, const Problem<scalar_t>& P, const TaskGrid& g,
                            const Fn& fn) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   const Shape3d& s = P.s;
   std::vector<std::unique_ptr<Scratch<acc_t>>> scratch(par.num_threads() + 1);
   std::vector<std::unique_ptr<RowWindow>> rows(par.num_threads() + 1);
@@ -726,8 +701,53 @@ void for_each_query_phased(const Parallel& par, const Problem<scalar_t>& P, cons
     for (int64_t w = w0; w < w1; w += wstep) {
       const int n = build_slots(P, *rows[tid], w, sc.off.data(), sc.bias.data(),
                                 sc.slot.data());
-      fn(sc, task, bh, (bh * s.size[0] * s.size[1] + t * s.size[1] + h) * s.size[2] + w, n);
+      const int64_t tok = (bh * s.size[0] * s.size[1] + t * s.size[1] + h) * s.size[2] + w;
+      fn(QueryTask<acc_t>{sc, n, task, bh, tok, bh * s.tokens() * s.dim, tok * s.slots()});
     }
+  });
+}
+
+// sc.q = row `tok` of x (head_dim values, as acc_t).
+template <typename scalar_t, typename acc_t>
+MMBOAT_INLINE void load_query_row(const QueryTask<acc_t>& qt, const scalar_t* x, int64_t dim) {
+  for (int d = 0; d < dim; ++d) qt.sc.q[d] = static_cast<acc_t>(x[qt.tok * dim + d]);
+}
+
+// attn[query, slot] = q . k (+ rpb); slots outside a causal window are -inf.
+template <typename scalar_t, class Parallel>
+void qk_forward(const Parallel& par, const Problem<scalar_t>& P, const scalar_t* q,
+                const scalar_t* k, scalar_t* attn) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const Shape3d& s = P.s;
+  for_each_query(par, P, [&](const QueryTask<acc_t>& qt) {
+    Scratch<acc_t>& sc = qt.sc;
+    load_query_row(qt, q, s.dim);
+    GenericOps<scalar_t>::dots(sc.q.data(), k + qt.kv, sc.off.data(), qt.n, int(s.dim),
+                               sc.a.data());
+    scalar_t* ai = attn + qt.map;
+    for (int64_t j = 0; j < s.slots(); ++j) ai[j] = -std::numeric_limits<scalar_t>::infinity();
+    const scalar_t* rb = P.rpb ? P.rpb + (qt.bh % s.heads) * s.bias_size() : nullptr;
+    for (int j = 0; j < qt.n; ++j) {
+      acc_t v = sc.a[j];
+      if (rb) v += static_cast<acc_t>(rb[sc.bias[j]]);
+      ai[sc.slot[j]] = static_cast<scalar_t>(v);
+    }
+  });
+}
+
+// out = sum over the window's slots of attn[query, slot] * v.
+template <typename scalar_t, class Parallel>
+void av_forward(const Parallel& par, const Problem<scalar_t>& P, const scalar_t* attn,
+                const scalar_t* v, scalar_t* out) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int dim = int(P.s.dim);
+  for_each_query(par, P, [&](const QueryTask<acc_t>& qt) {
+    Scratch<acc_t>& sc = qt.sc;
+    for (int j = 0; j < qt.n; ++j) sc.a[j] = static_cast<acc_t>(attn[qt.map + sc.slot[j]]);
+    std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
+    GenericOps<scalar_t>::weighted_sum(sc.a.data(), v + qt.kv, sc.off.data(), qt.n, dim,
+                                       sc.acc.data());
+    for (int d = 0; d < dim; ++d) out[qt.tok * dim + d] = static_cast<scalar_t>(sc.acc[d]);
   });
 }
 
@@ -736,29 +756,26 @@ void for_each_query_phased(const Parallel& par, const Problem<scalar_t>& P, cons
 template <typename scalar_t, class Parallel>
 void qk_backward(const Parallel& par, const Problem<scalar_t>& P, const scalar_t* grad_attn,
                  const scalar_t* q, const scalar_t* k, scalar_t* dq,
-                 typename AccOf<scalar_t>::type* dk, typename AccOf<scalar_t>::type* drpb) {
-  using acc_t = typename AccOf<scalar_t>::type;
+                 typename AccType<scalar_t>::type* dk, typename AccType<scalar_t>::type* drpb) {
+  using acc_t = typename AccType<scalar_t>::type;
   const Shape3d& s = P.s;
   const TaskGrid g = make_grid(s);
   std::vector<acc_t> dbias;
   if (drpb) dbias.assign(s.batch * s.heads * g.per_bh() * s.bias_size(), acc_t(0));
-  const int64_t bh_stride = s.tokens() * s.dim;
-  const int64_t K = s.slots();
   const int dim = int(s.dim);
-  for_each_query_phased(par, P, g, [&](Scratch<acc_t>& sc, int64_t task, int64_t bh,
-                                       int64_t tok, int n) {
-    for (int j = 0; j < n; ++j) sc.a[j] = static_cast<acc_t>(grad_attn[tok * K + sc.slot[j]]);
-    for (int d = 0; d < dim; ++d) sc.q[d] = static_cast<acc_t>(q[tok * s.dim + d]);
+  for_each_query_phased(par, P, g, [&](const QueryTask<acc_t>& qt) {
+    Scratch<acc_t>& sc = qt.sc;
+    for (int j = 0; j < qt.n; ++j) sc.a[j] = static_cast<acc_t>(grad_attn[qt.map + sc.slot[j]]);
+    load_query_row(qt, q, dim);
     std::fill(sc.acc.begin(), sc.acc.end(), acc_t(0));
-    GenericOps<scalar_t>::weighted_sum(sc.a.data(), k + bh * bh_stride, sc.off.data(), n, dim,
+    GenericOps<scalar_t>::weighted_sum(sc.a.data(), k + qt.kv, sc.off.data(), qt.n, dim,
                                        sc.acc.data());
-    for (int d = 0; d < dim; ++d) dq[tok * s.dim + d] = static_cast<scalar_t>(sc.acc[d]);
-    acc_t* dkb = dk + bh * bh_stride;
-    for (int j = 0; j < n; ++j)
-      GenericOps<scalar_t>::axpy(sc.a[j], sc.q.data(), dkb + sc.off[j], dim);
+    for (int d = 0; d < dim; ++d) dq[qt.tok * dim + d] = static_cast<scalar_t>(sc.acc[d]);
+    for (int j = 0; j < qt.n; ++j)
+      GenericOps<scalar_t>::axpy(sc.a[j], sc.q.data(), dk + qt.kv + sc.off[j], dim);
     if (drpb) {
-      acc_t* db = dbias.data() + task * s.bias_size();
-      for (int j = 0; j < n; ++j) db[sc.bias[j]] += sc.a[j];
+      acc_t* db = dbias.data() + qt.task * s.bias_size();
+      for (int j = 0; j < qt.n; ++j) db[sc.bias[j]] += sc.a[j];
     }
   });
   if (drpb) reduce_bias(s, g, dbias, drpb);
@@ -769,22 +786,17 @@ void qk_backward(const Parallel& par, const Problem<scalar_t>& P, const scalar_t
 template <typename scalar_t, class Parallel>
 void av_backward(const Parallel& par, const Problem<scalar_t>& P, const scalar_t* grad_out,
                  const scalar_t* attn, const scalar_t* v, scalar_t* dattn,
-                 typename AccOf<scalar_t>::type* dv) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  const Shape3d& s = P.s;
-  const TaskGrid g = make_grid(s);
-  const int64_t bh_stride = s.tokens() * s.dim;
-  const int64_t K = s.slots();
-  const int dim = int(s.dim);
-  for_each_query_phased(par, P, g, [&](Scratch<acc_t>& sc, int64_t, int64_t bh, int64_t tok,
-                                       int n) {
-    for (int d = 0; d < dim; ++d) sc.q[d] = static_cast<acc_t>(grad_out[tok * s.dim + d]);
-    GenericOps<scalar_t>::dots(sc.q.data(), v + bh * bh_stride, sc.off.data(), n, dim,
-                               sc.b.data());
-    for (int j = 0; j < n; ++j) {
-      dattn[tok * K + sc.slot[j]] = static_cast<scalar_t>(sc.b[j]);
-      GenericOps<scalar_t>::axpy(static_cast<acc_t>(attn[tok * K + sc.slot[j]]), sc.q.data(),
-                                 dv + bh * bh_stride + sc.off[j], dim);
+                 typename AccType<scalar_t>::type* dv) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int dim = int(P.s.dim);
+  for_each_query_phased(par, P, make_grid(P.s), [&](const QueryTask<acc_t>& qt) {
+    Scratch<acc_t>& sc = qt.sc;
+    load_query_row(qt, grad_out, dim);
+    GenericOps<scalar_t>::dots(sc.q.data(), v + qt.kv, sc.off.data(), qt.n, dim, sc.b.data());
+    for (int j = 0; j < qt.n; ++j) {
+      dattn[qt.map + sc.slot[j]] = static_cast<scalar_t>(sc.b[j]);
+      GenericOps<scalar_t>::axpy(static_cast<acc_t>(attn[qt.map + sc.slot[j]]), sc.q.data(),
+                                 dv + qt.kv + sc.off[j], dim);
     }
   });
 }

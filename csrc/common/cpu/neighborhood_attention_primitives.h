@@ -12,23 +12,15 @@
 #include <type_traits>
 
 #include "cpu/avx2_math.h"
+#include "kernel_defs.h"
 
 namespace mmboat {
 namespace cpu {
 namespace na {
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 template <typename scalar_t>
 struct GenericOps {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
 
   // out[s] = q . row(s) (+ add[s] when add is not null)
   static MMBOAT_INLINE void dots(const acc_t* __restrict q, const scalar_t* __restrict base,
@@ -130,13 +122,41 @@ struct GenericOps {
 struct Avx2Ops {
   using acc_t = float;
 
+  // a[i] += x[d, d + 8) * rows[i][d, d + 8) for i < 4: four dot products advanced by 8 columns
+  // (one load of x for the four).
+  MMBOAT_AVX2 static MMBOAT_INLINE void fma4(const float* __restrict x, const float* const* rows,
+                                             int d, __m256* a) {
+    const __m256 xv = _mm256_loadu_ps(x + d);
+    for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(rows[i] + d), a[i]);
+  }
+
+  // Calls f(std::integral_constant<int, dim / 8>()) and returns true for the head dims that
+  // have kernel instances of their own (16, 32, 64: the dim loop unrolls into fixed offsets);
+  // returns false for the others.
+  template <class F>
+  MMBOAT_AVX2 static inline bool with_fixed_head_dim(int dim, const F& f) {
+    switch (dim) {
+      case 16: f(std::integral_constant<int, 2>()); return true;
+      case 32: f(std::integral_constant<int, 4>()); return true;
+      case 64: f(std::integral_constant<int, 8>()); return true;
+      default: return false;
+    }
+  }
+
   // GenericOps::dots, 8 slots at a time with one horizontal reduction. NV = dim / 8 when it
-  // is a template constant (the dim loop then unrolls into fixed offsets), 0 for any dim.
-  template <int NV>
-  MMBOAT_AVX2 static inline void dots_nv(const float* __restrict q,
-                                         const float* __restrict base,
-                                         const int64_t* __restrict off, int n, int dim,
-                                         float* __restrict out, const float* __restrict add) {
+  // is a template constant, 0 for any dim (the call with NV = 0 takes the fixed instance when
+  // there is one).
+  template <int NV = 0>
+  MMBOAT_AVX2 static inline void dots(const float* __restrict q, const float* __restrict base,
+                                      const int64_t* __restrict off, int n, int dim,
+                                      float* __restrict out,
+                                      const float* __restrict add = nullptr) {
+    if constexpr (NV == 0) {
+      if (with_fixed_head_dim(dim, [&](auto nv) MMBOAT_AVX2 {
+            dots<decltype(nv)::value>(q, base, off, n, dim, out, add);
+          }))
+        return;
+    }
     const int nv = NV > 0 ? NV : dim / 8;
     int s = 0;
     for (; s + 8 <= n; s += 8) {
@@ -154,22 +174,13 @@ struct Avx2Ops {
       _mm256_storeu_ps(out + s, t);
     }
     for (; s + 4 <= n; s += 4) {
-      const float* r0 = base + off[s + 0];
-      const float* r1 = base + off[s + 1];
-      const float* r2 = base + off[s + 2];
-      const float* r3 = base + off[s + 3];
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-             a3 = _mm256_setzero_ps();
-      for (int v = 0; v < nv; ++v) {
-        const int d = 8 * v;
-        const __m256 qv = _mm256_loadu_ps(q + d);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + d), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r1 + d), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r2 + d), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r3 + d), a3);
-      }
-      const __m256 t0 = _mm256_hadd_ps(a0, a1);
-      const __m256 t1 = _mm256_hadd_ps(a2, a3);
+      const float* rows[4] = {base + off[s], base + off[s + 1], base + off[s + 2],
+                              base + off[s + 3]};
+      __m256 a[4];
+      for (int i = 0; i < 4; ++i) a[i] = _mm256_setzero_ps();
+      for (int v = 0; v < nv; ++v) fma4(q, rows, 8 * v, a);
+      const __m256 t0 = _mm256_hadd_ps(a[0], a[1]);
+      const __m256 t1 = _mm256_hadd_ps(a[2], a[3]);
       const __m256 u = _mm256_hadd_ps(t0, t1);
       __m128 r = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
       if (add) r = _mm_add_ps(r, _mm_loadu_ps(add + s));
@@ -184,64 +195,35 @@ struct Avx2Ops {
     }
   }
 
-  // f(std::integral_constant<int, NV>()) with NV = dim / 8 for the head dims that have their
-  // own kernel instances (16, 32, 64), NV = 0 (any multiple of 8) otherwise.
-  template <class F>
-  MMBOAT_AVX2 static inline void by_head_dim(int dim, const F& f) {
-    switch (dim) {
-      case 16: return f(std::integral_constant<int, 2>());
-      case 32: return f(std::integral_constant<int, 4>());
-      case 64: return f(std::integral_constant<int, 8>());
-      default: return f(std::integral_constant<int, 0>());
-    }
-  }
-
-  MMBOAT_AVX2 static inline void dots(const float* __restrict q, const float* __restrict base,
-                                      const int64_t* __restrict off, int n, int dim,
-                                      float* __restrict out,
-                                      const float* __restrict add = nullptr) {
-    by_head_dim(dim, [&](auto nv) MMBOAT_AVX2 {
-      dots_nv<decltype(nv)::value>(q, base, off, n, dim, out, add);
-    });
-  }
-
   // GenericOps::dots2 for 4 slots at a time: the 4 logits and the 4 dO . V sums share one
-  // horizontal reduction. NV = dim / 8 when it is a template constant, 0 for any dim.
-  template <int NV>
-  MMBOAT_AVX2 static inline void dots2_nv(const float* __restrict q, const float* __restrict g,
-                                          const float* __restrict kbase,
-                                          const float* __restrict vbase,
-                                          const int64_t* __restrict off, int n, int dim,
-                                          float* __restrict out, float* __restrict out2,
-                                          const float* __restrict add) {
+  // horizontal reduction. NV as for dots.
+  template <int NV = 0>
+  MMBOAT_AVX2 static inline void dots2(const float* __restrict q, const float* __restrict g,
+                                       const float* __restrict kbase,
+                                       const float* __restrict vbase,
+                                       const int64_t* __restrict off, int n, int dim,
+                                       float* __restrict out, float* __restrict out2,
+                                       const float* __restrict add) {
+    if constexpr (NV == 0) {
+      if (with_fixed_head_dim(dim, [&](auto nv) MMBOAT_AVX2 {
+            dots2<decltype(nv)::value>(q, g, kbase, vbase, off, n, dim, out, out2, add);
+          }))
+        return;
+    }
     const int nv = NV > 0 ? NV : dim / 8;
     int s = 0;
     for (; s + 4 <= n; s += 4) {
-      const float* k0 = kbase + off[s];
-      const float* k1 = kbase + off[s + 1];
-      const float* k2 = kbase + off[s + 2];
-      const float* k3 = kbase + off[s + 3];
-      const float* v0 = vbase + off[s];
-      const float* v1 = vbase + off[s + 1];
-      const float* v2 = vbase + off[s + 2];
-      const float* v3 = vbase + off[s + 3];
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-             a3 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(),
-             b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+      const float* kr[4] = {kbase + off[s], kbase + off[s + 1], kbase + off[s + 2],
+                            kbase + off[s + 3]};
+      const float* vr[4] = {vbase + off[s], vbase + off[s + 1], vbase + off[s + 2],
+                            vbase + off[s + 3]};
+      __m256 a[4], b[4];
+      for (int i = 0; i < 4; ++i) a[i] = b[i] = _mm256_setzero_ps();
       for (int v = 0; v < nv; ++v) {
-        const int d = 8 * v;
-        const __m256 qv = _mm256_loadu_ps(q + d);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
-        const __m256 gv = _mm256_loadu_ps(g + d);
-        b0 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(v0 + d), b0);
-        b1 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(v1 + d), b1);
-        b2 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(v2 + d), b2);
-        b3 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(v3 + d), b3);
+        fma4(q, kr, 8 * v, a);
+        fma4(g, vr, 8 * v, b);
       }
-      const __m256 r = simd::hsum8(a0, a1, a2, a3, b0, b1, b2, b3);
+      const __m256 r = simd::hsum8(a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]);
       __m128 lo = _mm256_castps256_ps128(r);
       if (add) lo = _mm_add_ps(lo, _mm_loadu_ps(add + s));
       _mm_storeu_ps(out + s, lo);
@@ -258,17 +240,6 @@ struct Avx2Ops {
       out[s] = add ? simd::hsum1(a0) + add[s] : simd::hsum1(a0);
       out2[s] = simd::hsum1(b0);
     }
-  }
-
-  MMBOAT_AVX2 static inline void dots2(const float* __restrict q, const float* __restrict g,
-                                       const float* __restrict kbase,
-                                       const float* __restrict vbase,
-                                       const int64_t* __restrict off, int n, int dim,
-                                       float* __restrict out, float* __restrict out2,
-                                       const float* __restrict add) {
-    by_head_dim(dim, [&](auto nv) MMBOAT_AVX2 {
-      dots2_nv<decltype(nv)::value>(q, g, kbase, vbase, off, n, dim, out, out2, add);
-    });
   }
 
   MMBOAT_AVX2 static inline void weighted_sum(const float* __restrict w,

@@ -9,7 +9,6 @@
 #include <torch/extension.h>
 
 #include <tuple>
-#include <vector>
 
 #include "cpu/aten_parallel.h"
 #include "cpu/neighborhood_attention_kernels.h"
@@ -44,12 +43,6 @@ at::Tensor to_dtype_of(const at::Tensor& acc, const at::Tensor& like) {
   return acc.scalar_type() == like.scalar_type() ? acc : acc.to(like.scalar_type());
 }
 
-const char* fused_name(int nd, bool backward) {
-  static const char* names[2][3] = {{"na1d_forward", "na2d_forward", "na3d_forward"},
-                                    {"na1d_backward", "na2d_backward", "na3d_backward"}};
-  return names[backward ? 1 : 0][nd - 1];
-}
-
 std::tuple<at::Tensor, at::Tensor> fused_forward(int nd, const at::Tensor& query,
                                                  const at::Tensor& key, const at::Tensor& value,
                                                  const c10::optional<at::Tensor>& rpb_opt,
@@ -65,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(int nd, const at::Tensor& query
   if (query.numel() == 0) return {out, lse};
   const at::Tensor rpb = s.has_rpb ? *rpb_opt : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "na_cpu", [&] {
-    using acc_t = typename kern::AccOf<scalar_t>::type;
+    using acc_t = acc_t<scalar_t>;
     kern::fused_forward(AtenParallel(), kern::make_problem(s, scale, data_or_null<scalar_t>(rpb)),
                         query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
                         value.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
@@ -87,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_
   at::Tensor dq = at::empty_like(query);
   at::Tensor dk, dv, drpb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "na_cpu", [&] {
-    using acc_t = typename kern::AccOf<scalar_t>::type;
+    using acc_t = acc_t<scalar_t>;
     // dK and dV are written by the kernel (see key_row), not zero-filled first.
     at::Tensor dk_acc = accumulation_buffer<acc_t>(key, false);
     at::Tensor dv_acc = accumulation_buffer<acc_t>(value, false);
@@ -115,17 +108,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_
 at::Tensor qk_forward(const at::Tensor& query, const at::Tensor& key,
                       const c10::optional<at::Tensor>& rpb_opt, at::IntArrayRef kernel_size,
                       at::IntArrayRef dilation, const c10::List<bool>& is_causal) {
-  const char* op = "na2d_qk";
-  const bool has_rpb = rpb_opt.has_value() && rpb_opt->defined();
-  const Shape3d s = check_config(query, op, "query", 2, kernel_size, dilation, is_causal,
-                                 has_rpb);
-  check_like(query, key, op, "query", "key");
-  if (has_rpb) check_rpb(*rpb_opt, query, s, 2, op);
-  std::vector<int64_t> shape(query.sizes().begin(), query.sizes().end() - 1);
-  shape.push_back(s.slots());
-  at::Tensor attn = at::empty(shape, query.options());
+  const Shape3d s = check_qk(query, key, rpb_opt, kernel_size, dilation, is_causal);
+  at::Tensor attn = at::empty(attn_shape(query, s), query.options());
   if (attn.numel() == 0) return attn;
-  const at::Tensor rpb = has_rpb ? *rpb_opt : at::Tensor();
+  const at::Tensor rpb = s.has_rpb ? *rpb_opt : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "na_cpu", [&] {
     kern::qk_forward(AtenParallel(), kern::make_problem(s, 1.0, data_or_null<scalar_t>(rpb)),
                      query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
@@ -137,10 +123,7 @@ at::Tensor qk_forward(const at::Tensor& query, const at::Tensor& key,
 at::Tensor av_forward(const at::Tensor& attn, const at::Tensor& value,
                       at::IntArrayRef kernel_size, at::IntArrayRef dilation,
                       const c10::List<bool>& is_causal) {
-  const char* op = "na2d_av";
-  const Shape3d s = check_config(value, op, "value", 2, kernel_size, dilation, is_causal,
-                                 false);
-  check_attn(op, attn, value, s);
+  const Shape3d s = check_av("na2d_av", attn, value, kernel_size, dilation, is_causal);
   at::Tensor out = at::empty_like(value);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "na_cpu", [&] {
@@ -154,15 +137,12 @@ at::Tensor av_forward(const at::Tensor& attn, const at::Tensor& value,
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> qk_backward(
     const at::Tensor& grad_attn, const at::Tensor& query, const at::Tensor& key, bool has_rpb,
     at::IntArrayRef kernel_size, at::IntArrayRef dilation, const c10::List<bool>& is_causal) {
-  const char* op = "na2d_qk_backward";
-  const Shape3d s = check_config(query, op, "query", 2, kernel_size, dilation, is_causal,
-                                 has_rpb);
-  check_like(query, key, op, "query", "key");
-  check_attn(op, grad_attn, query, s);
+  const Shape3d s =
+      check_qk_backward(grad_attn, query, key, has_rpb, kernel_size, dilation, is_causal);
   at::Tensor dq = at::empty_like(query);
   at::Tensor dk, drpb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "na_cpu", [&] {
-    using acc_t = typename kern::AccOf<scalar_t>::type;
+    using acc_t = acc_t<scalar_t>;
     at::Tensor dk_acc = accumulation_buffer<acc_t>(key);
     at::Tensor drpb_acc;
     if (has_rpb)
@@ -185,15 +165,11 @@ std::tuple<at::Tensor, at::Tensor> av_backward(const at::Tensor& grad_out,
                                                at::IntArrayRef kernel_size,
                                                at::IntArrayRef dilation,
                                                const c10::List<bool>& is_causal) {
-  const char* op = "na2d_av_backward";
-  const Shape3d s = check_config(value, op, "value", 2, kernel_size, dilation, is_causal,
-                                 false);
-  check_attn(op, attn, value, s);
-  check_like(value, grad_out, op, "value", "grad_out");
+  const Shape3d s = check_av_backward(grad_out, attn, value, kernel_size, dilation, is_causal);
   at::Tensor dattn = at::zeros_like(attn);
   at::Tensor dv;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "na_cpu", [&] {
-    using acc_t = typename kern::AccOf<scalar_t>::type;
+    using acc_t = acc_t<scalar_t>;
     at::Tensor dv_acc = accumulation_buffer<acc_t>(value);
     if (value.numel() > 0)
       kern::av_backward(AtenParallel(), kern::make_problem<scalar_t>(s, 1.0, nullptr),
@@ -205,43 +181,12 @@ std::tuple<at::Tensor, at::Tensor> av_backward(const at::Tensor& grad_out,
   return {dattn, dv};
 }
 
-// ------------------------------------------------------------------------------------------
-// Registration.
-// ------------------------------------------------------------------------------------------
-template <int ND>
-std::tuple<at::Tensor, at::Tensor> forward_nd(const at::Tensor& query, const at::Tensor& key,
-                                              const at::Tensor& value,
-                                              const c10::optional<at::Tensor>& rpb,
-                                              at::IntArrayRef kernel_size,
-                                              at::IntArrayRef dilation,
-                                              const c10::List<bool>& is_causal, double scale) {
-  return fused_forward(ND, query, key, value, rpb, kernel_size, dilation, is_causal, scale);
-}
-
-template <int ND>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> backward_nd(
-    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const c10::optional<at::Tensor>& rpb, const at::Tensor& out,
-    const at::Tensor& logsumexp, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
-    const c10::List<bool>& is_causal, double scale) {
-  return fused_backward(ND, grad_out, query, key, value, rpb, out, logsumexp, kernel_size,
-                        dilation, is_causal, scale);
-}
-
 }  // namespace
 }  // namespace na
 }  // namespace mmboat
 
 TORCH_LIBRARY_IMPL(mmboat, CPU, m) {
   using namespace mmboat::na;
-  m.impl("na1d_forward", &forward_nd<1>);
-  m.impl("na2d_forward", &forward_nd<2>);
-  m.impl("na3d_forward", &forward_nd<3>);
-  m.impl("na1d_backward", &backward_nd<1>);
-  m.impl("na2d_backward", &backward_nd<2>);
-  m.impl("na3d_backward", &backward_nd<3>);
-  m.impl("na2d_qk", &qk_forward);
-  m.impl("na2d_qk_backward", &qk_backward);
-  m.impl("na2d_av", &av_forward);
-  m.impl("na2d_av_backward", &av_backward);
+  register_kernels<&fused_forward, &fused_backward, &qk_forward, &qk_backward, &av_forward,
+                   &av_backward>(m);
 }

@@ -9,28 +9,13 @@
 // kernel says); the backward recomputes the softmax normaliser from the logits, so a
 // float16/bfloat16 logsumexp costs no gradient precision. perm is checked to be a permutation
 // per row on the device (one sort and a host sync), since a bad perm would read out of bounds.
-//
-// nvcc in C++20 mode reads `module` in torch's C++ API headers (torch/python.h, pulled in by
-// torch/extension.h) as the C++20 keyword and warns (#3189-D) dozens of times; harmless, silenced
-// for the torch headers only so that warnings about our own code stand out.
-#if defined(__NVCC__)
-#pragma nv_diag_suppress 3189
-#endif
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
-#include <torch/extension.h>
+#include "cuda/pytorch_cuda_helper.h"  // first: torch, with nvcc's C++20 warnings silenced
 
 #include <tuple>
 #include <type_traits>
 
-#include "checks.h"
 #include "cuda/feature_space_attention_kernels.cuh"
 #include "feature_space_attention.h"
-#if defined(__NVCC__)
-#pragma nv_diag_default 3189
-#endif
 
 namespace mmboat {
 namespace fsla {
@@ -38,42 +23,10 @@ namespace {
 
 namespace kern = ::mmboat::cuda::fsla;
 
-template <typename T>
-T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
-
-void check_launch(const char* err, const char* op) {
-  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename F>
-void dispatch_cuda_type(at::ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(static_cast<float*>(nullptr));
-      break;
-    case at::kDouble:
-      f(static_cast<double*>(nullptr));
-      break;
-    case at::kHalf:
-      f(static_cast<__half*>(nullptr));
-      break;
-    case at::kBFloat16:
-      f(static_cast<__nv_bfloat16*>(nullptr));
-      break;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", st, " on CUDA");
-  }
-}
-
-size_t smem_optin(const at::Tensor& t) {
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        t.device().index()));
-  return size_t(optin);
-}
+using cuda_launch::check_launch;
+using cuda_launch::dispatch_cuda_type;
+using cuda_launch::ptr;
+using cuda_launch::smem_optin;
 
 void check_cuda_features(const char* op, const char* name, const at::Tensor& t,
                          const at::Tensor& query) {
@@ -93,11 +46,7 @@ void check_cuda_attention_inputs(const char* op, const at::Tensor& query, const 
                                  const at::Tensor& value, const at::Tensor& perm,
                                  int64_t cluster_size, int64_t overlap) {
   MMBOAT_CHECK_DEFINED(query);
-  TORCH_CHECK(query.device().is_cuda(), op, ": query must be a CUDA tensor, got ",
-              query.device());
-  const auto st = query.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              op, ": query must be float32, float64, float16 or bfloat16 on CUDA, got ", st);
+  cuda_launch::check_cuda_floating(query, op, "query");
   TORCH_CHECK(query.dim() == 4, op, ": query must have 4 dimensions [B, heads, N, d], got shape ",
               query.sizes());
   TORCH_CHECK(query.size(2) >= 1 && query.size(3) >= 1, op,

@@ -7,30 +7,15 @@
 // float64 (float64 accumulation and log-sum-exp, as on CPU: float64 gradcheck runs on a GPU);
 // grad_rpb is accumulated with float32 (float64 for float64) atomics, so it is not
 // bit-deterministic on CUDA (dq/dk/dv are: each element is written by one thread).
-//
-// nvcc in C++20 mode reads `module` in torch's C++ API headers (torch/python.h, pulled in by
-// torch/extension.h) as the C++20 keyword and warns (#3189-D) dozens of times; harmless, silenced
-// for the torch headers only so that warnings about our own code stand out.
-#if defined(__NVCC__)
-#pragma nv_diag_suppress 3189
-#endif
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
-#include <torch/extension.h>
+#include "cuda/pytorch_cuda_helper.h"  // first: torch, with nvcc's C++20 warnings silenced
 
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
-#include "checks.h"
 #include "cuda/neighborhood_attention_kernels.cuh"
 #include "neighborhood_attention_checks.h"
-#if defined(__NVCC__)
-#pragma nv_diag_default 3189
-#endif
 
 namespace mmboat {
 namespace na {
@@ -38,12 +23,10 @@ namespace {
 
 namespace kern = ::mmboat::cuda::na;
 
-void check_cuda_tensor(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              op, ": ", name, " must be float32, float64, float16 or bfloat16 on CUDA, got ", st);
-}
+using cuda_launch::check_cuda_floating;
+using cuda_launch::check_launch;
+using cuda_launch::dispatch_cuda_type;
+using cuda_launch::ptr;
 
 kern::Problem to_problem(const Shape3d& s, double scale, const char* op) {
   TORCH_CHECK(s.batch * s.heads < (int64_t(1) << 31), op, ": batch * heads too large");
@@ -63,43 +46,10 @@ kern::Problem to_problem(const Shape3d& s, double scale, const char* op) {
   return p;
 }
 
-// Calls f(T*) with the CUDA element type of `st`.
-template <typename F>
-void dispatch_cuda_type(at::ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(static_cast<float*>(nullptr));
-      break;
-    case at::kDouble:
-      f(static_cast<double*>(nullptr));
-      break;
-    case at::kHalf:
-      f(static_cast<__half*>(nullptr));
-      break;
-    case at::kBFloat16:
-      f(static_cast<__nv_bfloat16*>(nullptr));
-      break;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", st, " on CUDA");
-  }
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
-}
-
-void check_launch(const char* err, const char* op) {
-  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // Shared memory the fused forward may use: up to 64 KiB (occupancy), more only if needed.
 size_t smem_budget(const at::Tensor& t, const Shape3d& s, size_t elem_size, size_t acc_size) {
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        t.device().index()));
-  const size_t preferred = std::min<size_t>(size_t(optin), 64 * 1024);
+  const size_t optin = cuda_launch::smem_optin(t);
+  const size_t preferred = std::min<size_t>(optin, 64 * 1024);
   kern::ForwardTiling tiling;
   kern::Problem p;
   p.head_dim = int(s.dim);
@@ -110,13 +60,7 @@ size_t smem_budget(const at::Tensor& t, const Shape3d& s, size_t elem_size, size
   }
   if (kern::make_forward_tiling(p, elem_size, preferred, false, &tiling, acc_size) == nullptr)
     return preferred;
-  return size_t(optin);
-}
-
-const char* fused_name(int nd, bool backward) {
-  static const char* names[2][3] = {{"na1d_forward", "na2d_forward", "na3d_forward"},
-                                    {"na1d_backward", "na2d_backward", "na3d_backward"}};
-  return names[backward ? 1 : 0][nd - 1];
+  return optin;
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(int nd, const at::Tensor& query,
@@ -130,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(int nd, const at::Tensor& 
   const char* op = fused_name(nd, false);
   const Shape3d s = check_fused_forward(op, nd, query, key, value, rpb_opt, kernel_size,
                                         dilation, is_causal);
-  check_cuda_tensor(query, op, "query");
+  check_cuda_floating(query, op, "query");
   const at::Tensor rpb = s.has_rpb ? *rpb_opt : at::Tensor();
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor out = at::empty_like(query);
@@ -158,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_
   const char* op = fused_name(nd, true);
   const Shape3d s = check_fused_backward(op, nd, grad_out, query, key, value, rpb_opt, out,
                                          logsumexp, kernel_size, dilation, is_causal);
-  check_cuda_tensor(query, op, "query");
+  check_cuda_floating(query, op, "query");
   const at::Tensor rpb = s.has_rpb ? *rpb_opt : at::Tensor();
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor grad_query = at::empty_like(query);
@@ -186,46 +130,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_
   return {grad_query, grad_key, grad_value, grad_rpb};
 }
 
-template <int ND>
-std::tuple<at::Tensor, at::Tensor> forward_nd_cuda(const at::Tensor& query,
-                                                   const at::Tensor& key,
-                                                   const at::Tensor& value,
-                                                   const c10::optional<at::Tensor>& rpb,
-                                                   at::IntArrayRef kernel_size,
-                                                   at::IntArrayRef dilation,
-                                                   const c10::List<bool>& is_causal,
-                                                   double scale) {
-  return fused_forward_cuda(ND, query, key, value, rpb, kernel_size, dilation, is_causal,
-                            scale);
-}
-
-template <int ND>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> backward_nd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const c10::optional<at::Tensor>& rpb, const at::Tensor& out,
-    const at::Tensor& logsumexp, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
-    const c10::List<bool>& is_causal, double scale) {
-  return fused_backward_cuda(ND, grad_out, query, key, value, rpb, out, logsumexp, kernel_size,
-                             dilation, is_causal, scale);
-}
-
-std::vector<int64_t> attn_shape(const at::Tensor& like, const Shape3d& s) {
-  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end() - 1);
-  shape.push_back(s.slots());
-  return shape;
-}
-
 at::Tensor qk_forward_cuda(const at::Tensor& query, const at::Tensor& key,
                            const c10::optional<at::Tensor>& rpb_opt, at::IntArrayRef kernel_size,
                            at::IntArrayRef dilation, const c10::List<bool>& is_causal) {
   const char* op = "na2d_qk";
-  const bool has_rpb = rpb_opt.has_value() && rpb_opt->defined();
-  const Shape3d s = check_config(query, op, "query", 2, kernel_size, dilation, is_causal,
-                                 has_rpb);
-  check_like(query, key, op, "query", "key");
-  if (has_rpb) check_rpb(*rpb_opt, query, s, 2, op);
-  check_cuda_tensor(query, op, "query");
-  const at::Tensor rpb = has_rpb ? *rpb_opt : at::Tensor();
+  const Shape3d s = check_qk(query, key, rpb_opt, kernel_size, dilation, is_causal);
+  check_cuda_floating(query, op, "query");
+  const at::Tensor rpb = s.has_rpb ? *rpb_opt : at::Tensor();
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor attn = at::empty(attn_shape(query, s), query.options());
   if (attn.numel() == 0) return attn;
@@ -244,11 +155,9 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> qk_backward_cuda(
     const at::Tensor& grad_attn, const at::Tensor& query, const at::Tensor& key, bool has_rpb,
     at::IntArrayRef kernel_size, at::IntArrayRef dilation, const c10::List<bool>& is_causal) {
   const char* op = "na2d_qk_backward";
-  const Shape3d s = check_config(query, op, "query", 2, kernel_size, dilation, is_causal,
-                                 has_rpb);
-  check_like(query, key, op, "query", "key");
-  check_attn(op, grad_attn, query, s);
-  check_cuda_tensor(query, op, "query");
+  const Shape3d s =
+      check_qk_backward(grad_attn, query, key, has_rpb, kernel_size, dilation, is_causal);
+  check_cuda_floating(query, op, "query");
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor grad_query = at::empty_like(query);
   at::Tensor grad_key = at::empty_like(key);
@@ -276,10 +185,8 @@ at::Tensor av_forward_cuda(const at::Tensor& attn, const at::Tensor& value,
                            at::IntArrayRef kernel_size, at::IntArrayRef dilation,
                            const c10::List<bool>& is_causal) {
   const char* op = "na2d_av";
-  const Shape3d s = check_config(value, op, "value", 2, kernel_size, dilation, is_causal,
-                                 false);
-  check_attn(op, attn, value, s);
-  check_cuda_tensor(value, op, "value");
+  const Shape3d s = check_av(op, attn, value, kernel_size, dilation, is_causal);
+  check_cuda_floating(value, op, "value");
   const c10::cuda::CUDAGuard guard(value.device());
   at::Tensor out = at::empty_like(value);
   if (out.numel() == 0) return out;
@@ -299,11 +206,8 @@ std::tuple<at::Tensor, at::Tensor> av_backward_cuda(const at::Tensor& grad_out,
                                                     at::IntArrayRef dilation,
                                                     const c10::List<bool>& is_causal) {
   const char* op = "na2d_av_backward";
-  const Shape3d s = check_config(value, op, "value", 2, kernel_size, dilation, is_causal,
-                                 false);
-  check_attn(op, attn, value, s);
-  check_like(value, grad_out, op, "value", "grad_out");
-  check_cuda_tensor(value, op, "value");
+  const Shape3d s = check_av_backward(grad_out, attn, value, kernel_size, dilation, is_causal);
+  check_cuda_floating(value, op, "value");
   const c10::cuda::CUDAGuard guard(value.device());
   at::Tensor grad_attn = at::empty_like(attn);
   at::Tensor grad_value = at::empty_like(value);
@@ -328,14 +232,6 @@ std::tuple<at::Tensor, at::Tensor> av_backward_cuda(const at::Tensor& grad_out,
 
 TORCH_LIBRARY_IMPL(mmboat, CUDA, m) {
   using namespace mmboat::na;
-  m.impl("na1d_forward", &forward_nd_cuda<1>);
-  m.impl("na2d_forward", &forward_nd_cuda<2>);
-  m.impl("na3d_forward", &forward_nd_cuda<3>);
-  m.impl("na1d_backward", &backward_nd_cuda<1>);
-  m.impl("na2d_backward", &backward_nd_cuda<2>);
-  m.impl("na3d_backward", &backward_nd_cuda<3>);
-  m.impl("na2d_qk", &qk_forward_cuda);
-  m.impl("na2d_qk_backward", &qk_backward_cuda);
-  m.impl("na2d_av", &av_forward_cuda);
-  m.impl("na2d_av_backward", &av_backward_cuda);
+  register_kernels<&fused_forward_cuda, &fused_backward_cuda, &qk_forward_cuda,
+                   &qk_backward_cuda, &av_forward_cuda, &av_backward_cuda>(m);
 }
