@@ -402,36 +402,28 @@ MMBOAT_AVX2 void attention_backward_leaf_avx2(const float* q, const float* grad_
 
 #endif
 
-// The leaf kernels for T and head dim d: the AVX2 ones for float with d = 8, 16, ..., 64 on an
-// AVX2 CPU (they read the keys by row: *keys_by_row), else the generic ones.
+// The AVX2 leaf instances for head dims 8, 16, ..., 64 (float only).
 template <typename T>
-ForwardLeaf<T> forward_leaf(int64_t d, bool* keys_by_row) {
+struct Avx2Leaves {
+  static constexpr ForwardLeaf<T> forward[8] = {};
+  static constexpr BackwardLeaf<T> backward[8] = {};
+};
 #if MMBOAT_X86
-  if constexpr (std::is_same<T, float>::value) {
-    static const ForwardLeaf<float> table[8] = MMBOAT_NC_TABLE(attention_forward_leaf_avx2);
-    if (const ForwardLeaf<float> fast = simd::pick_avx2(d, table)) {
-      *keys_by_row = true;
-      return fast;
-    }
-  }
+template <>
+struct Avx2Leaves<float> {
+  static constexpr ForwardLeaf<float> forward[8] = MMBOAT_NC_TABLE(attention_forward_leaf_avx2);
+  static constexpr BackwardLeaf<float> backward[8] =
+      MMBOAT_NC_TABLE(attention_backward_leaf_avx2);
+};
 #endif
-  *keys_by_row = false;
-  return simd::generic_instance<ForwardLeaf<T>, ForwardLeafLoops<T>>();
-}
 
-template <typename T>
-BackwardLeaf<T> backward_leaf(int64_t d, bool* keys_by_row) {
-#if MMBOAT_X86
-  if constexpr (std::is_same<T, float>::value) {
-    static const BackwardLeaf<float> table[8] = MMBOAT_NC_TABLE(attention_backward_leaf_avx2);
-    if (const BackwardLeaf<float> fast = simd::pick_avx2(d, table)) {
-      *keys_by_row = true;
-      return fast;
-    }
-  }
-#endif
-  *keys_by_row = false;
-  return simd::generic_instance<BackwardLeaf<T>, BackwardLeafLoops<T>>();
+// The leaf kernel for head dim d: the AVX2 one from `avx2` where there is one and the CPU runs
+// it (it reads the keys by row: *keys_by_row), else the generic Loops.
+template <typename Fn, class Loops>
+Fn pick_leaf(int64_t d, const Fn (&avx2)[8], bool* keys_by_row) {
+  const Fn fast = simd::pick_avx2(d, avx2);
+  *keys_by_row = fast != nullptr;
+  return fast ? fast : simd::generic_instance<Fn, Loops>();
 }
 
 // out and lse ([rows, n, d] and [rows, n]) of attention within the leaves of perm ([rows, n],
@@ -443,7 +435,8 @@ void clustered_attention_forward(const Parallel& par, const T* q, const T* k, co
   const int levels = bhc::num_levels(n, cluster_size);
   const int64_t leaves = int64_t(1) << levels;
   bool keys_by_row = false;
-  const ForwardLeaf<T> leaf_kernel = forward_leaf<T>(d, &keys_by_row);
+  const ForwardLeaf<T> leaf_kernel = pick_leaf<ForwardLeaf<T>, ForwardLeafLoops<T>>(
+      d, Avx2Leaves<T>::forward, &keys_by_row);
   par.for_range(0, rows * leaves, 1, [&](int64_t begin, int64_t end) {
     LeafBuffers<T> buf;
     for (int64_t task = begin; task < end; ++task) {
@@ -471,7 +464,8 @@ void clustered_attention_backward(const Parallel& par, const T* grad_out, const 
   const int64_t per_task = levels > 0 ? 2 : 1;
   const int64_t tasks = leaves / per_task;
   bool keys_by_row = false;
-  const BackwardLeaf<T> leaf_kernel = backward_leaf<T>(d, &keys_by_row);
+  const BackwardLeaf<T> leaf_kernel = pick_leaf<BackwardLeaf<T>, BackwardLeafLoops<T>>(
+      d, Avx2Leaves<T>::backward, &keys_by_row);
   par.for_range(0, rows * tasks, 1, [&](int64_t begin, int64_t end) {
     LeafBuffers<T> buf;
     for (int64_t task = begin; task < end; ++task) {

@@ -377,26 +377,38 @@ __device__ __forceinline__ MaxSum<A> warp_softmax(const A* qs, const A* ks, int6
 }
 
 // What one block of the attention kernels works on (blocks run over (row, leaf)): the leaf's
-// keys, the row's first token, and the block's shared memory cut as attn_smem_bytes says.
+// keys, the row's first token, the thread's warp and lane, and the block's shared memory, cut
+// as attn_smem_bytes says, with the leaf's `count` keys and values loaded.
 template <typename A>
 struct LeafBlock {
   bhc::LeafKeys lk;
   int64_t base;  // row * n
   const int64_t* perm_row;
-  A *ks, *vs, *dks, *dvs;  // [K, ld] each (dks, dvs: backward)
+  int64_t count;
+  int warp, lane;
+  A *ks, *vs, *dks, *dvs;  // [K, ld] each (dks, dvs: backward, zero-filled)
   A *qs, *gos, *ps, *dss;  // this warp's q [d], go [d] (backward), p [K], ds [K] (backward)
 };
 
-template <typename A>
-__device__ __forceinline__ LeafBlock<A> leaf_block(const AttnProblem& p,
-                                                   const int64_t* __restrict__ perm,
-                                                   unsigned char* smem, bool backward) {
+// Sets the block up; a leaf without tokens of its own (b.lk.own.size == 0, block-uniform)
+// loads nothing and the kernel returns. Ends with a block barrier otherwise.
+template <typename T>
+__device__ __forceinline__ LeafBlock<acc_t<T>> load_leaf_block(const AttnProblem& p,
+                                                               const int64_t* __restrict__ perm,
+                                                               const T* __restrict__ k,
+                                                               const T* __restrict__ v,
+                                                               unsigned char* smem,
+                                                               bool backward) {
+  using A = acc_t<T>;
   LeafBlock<A> b{};
   const int64_t leaves = int64_t(1) << p.levels;
   const int64_t row = int64_t(blockIdx.x) / leaves, leaf = int64_t(blockIdx.x) % leaves;
   b.lk = bhc::leaf_keys(p.n, p.levels, leaf, p.overlap);
+  if (b.lk.own.size == 0) return b;
   b.base = row * p.n;
   b.perm_row = perm + b.base;
+  b.warp = threadIdx.x / kWarp;
+  b.lane = threadIdx.x % kWarp;
   const int64_t d = p.d, ld = d + 1, K = p.max_keys;
   A* at = reinterpret_cast<A*>(smem);
   const auto take = [&at](int64_t count) {
@@ -410,11 +422,19 @@ __device__ __forceinline__ LeafBlock<A> leaf_block(const AttnProblem& p,
     b.dks = take(K * ld);
     b.dvs = take(K * ld);
   }
-  take((threadIdx.x / kWarp) * (backward ? 2 * d + 2 * K : d + K));  // the warps before
+  take(b.warp * (backward ? 2 * d + 2 * K : d + K));  // the warps before
   b.qs = take(d);
   if (backward) b.gos = take(d);
   b.ps = take(K);
   if (backward) b.dss = take(K);
+  b.count = load_leaf_kv(b.lk, b.perm_row, k + b.base * d, v + b.base * d, d, ld, b.ks, b.vs);
+  if (backward) {
+    for (int64_t idx = threadIdx.x; idx < b.count * ld; idx += blockDim.x) {
+      b.dks[idx] = 0;
+      b.dvs[idx] = 0;
+    }
+  }
+  __syncthreads();
   return b;
 }
 
@@ -425,29 +445,23 @@ __global__ void __launch_bounds__(kAttnThreads)
                         T* __restrict__ out, T* __restrict__ lse) {
   using A = acc_t<T>;
   MMBOAT_DYNAMIC_SMEM(smem);
-  const LeafBlock<A> b = leaf_block<A>(p, perm, smem, false);
-  const bhc::LeafKeys& lk = b.lk;
-  if (lk.own.size == 0) return;  // block-uniform
-  const int64_t d = p.d, ld = d + 1, base = b.base;
-  const int64_t* perm_row = b.perm_row;
-  A *ks = b.ks, *vs = b.vs, *qs = b.qs, *ps = b.ps;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t count = load_leaf_kv(lk, perm_row, k + base * d, v + base * d, d, ld, ks, vs);
-  __syncthreads();
-  for (int64_t t = warp; t < lk.own.size; t += kAttnWarps) {
-    const int64_t tok = perm_row[lk.own.offset + t];
-    const T* qt = q + (base + tok) * d;
-    for (int64_t c = lane; c < d; c += kWarp) qs[c] = to_f(qt[c]);
+  const LeafBlock<A> b = load_leaf_block(p, perm, k, v, smem, false);
+  if (b.lk.own.size == 0) return;  // block-uniform
+  const int64_t d = p.d, ld = d + 1;
+  for (int64_t t = b.warp; t < b.lk.own.size; t += kAttnWarps) {
+    const int64_t tok = b.perm_row[b.lk.own.offset + t];
+    const T* qt = q + (b.base + tok) * d;
+    for (int64_t c = b.lane; c < d; c += kWarp) b.qs[c] = to_f(qt[c]);
     MMBOAT_SYNCWARP();
-    const MaxSum<A> ms = warp_softmax(qs, ks, count, d, ld, scale_of<A>(p), ps);
+    const MaxSum<A> ms = warp_softmax(b.qs, b.ks, b.count, d, ld, scale_of<A>(p), b.ps);
     const A inv = A(1) / ms.sum;
-    T* ot = out + (base + tok) * d;
-    for (int64_t c = lane; c < d; c += kWarp) {
+    T* ot = out + (b.base + tok) * d;
+    for (int64_t c = b.lane; c < d; c += kWarp) {
       A acc = 0;
-      for (int64_t j = 0; j < count; ++j) acc += ps[j] * vs[j * ld + c];
+      for (int64_t j = 0; j < b.count; ++j) acc += b.ps[j] * b.vs[j * ld + c];
       ot[c] = from_f<T>(acc * inv);
     }
-    if (lane == 0) lse[base + tok] = from_f<T>(ms.max + log_f(ms.sum));
+    if (b.lane == 0) lse[b.base + tok] = from_f<T>(ms.max + log_f(ms.sum));
     MMBOAT_SYNCWARP();  // qs/ps are reused by the next query
   }
 }
@@ -461,63 +475,53 @@ __global__ void __launch_bounds__(kAttnThreads)
                          acc_t<T>* __restrict__ gv_acc) {
   using A = acc_t<T>;
   MMBOAT_DYNAMIC_SMEM(smem);
-  const LeafBlock<A> b = leaf_block<A>(p, perm, smem, true);
-  const bhc::LeafKeys& lk = b.lk;
-  if (lk.own.size == 0) return;  // block-uniform
-  const int64_t d = p.d, ld = d + 1, base = b.base;
-  const int64_t* perm_row = b.perm_row;
-  A *ks = b.ks, *vs = b.vs, *dks = b.dks, *dvs = b.dvs;
-  A *qs = b.qs, *gos = b.gos, *ps = b.ps, *dss = b.dss;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const LeafBlock<A> b = load_leaf_block(p, perm, k, v, smem, true);
+  if (b.lk.own.size == 0) return;  // block-uniform
+  const int64_t d = p.d, ld = d + 1;
   const A scale = scale_of<A>(p);
-  const int64_t count = load_leaf_kv(lk, perm_row, k + base * d, v + base * d, d, ld, ks, vs);
-  for (int64_t idx = threadIdx.x; idx < count * ld; idx += blockDim.x) {
-    dks[idx] = 0;
-    dvs[idx] = 0;
-  }
-  __syncthreads();
-  for (int64_t t = warp; t < lk.own.size; t += kAttnWarps) {
-    const int64_t tok = perm_row[lk.own.offset + t];
-    const int64_t at = (base + tok) * d;
+  for (int64_t t = b.warp; t < b.lk.own.size; t += kAttnWarps) {
+    const int64_t tok = b.perm_row[b.lk.own.offset + t];
+    const int64_t at = (b.base + tok) * d;
     A delta = 0;
-    for (int64_t c = lane; c < d; c += kWarp) {
-      qs[c] = to_f(q[at + c]);
+    for (int64_t c = b.lane; c < d; c += kWarp) {
+      b.qs[c] = to_f(q[at + c]);
       const A g = to_f(grad_out[at + c]);
-      gos[c] = g;
+      b.gos[c] = g;
       delta += g * to_f(out[at + c]);
     }
     delta = warp_sum(delta);
     MMBOAT_SYNCWARP();
-    const MaxSum<A> ms = warp_softmax(qs, ks, count, d, ld, scale, ps);
+    const MaxSum<A> ms = warp_softmax(b.qs, b.ks, b.count, d, ld, scale, b.ps);
     const A inv = A(1) / ms.sum;
-    for (int64_t j = lane; j < count; j += kWarp) {
+    for (int64_t j = b.lane; j < b.count; j += kWarp) {
       A dp = 0;
-      for (int64_t c = 0; c < d; ++c) dp += gos[c] * vs[j * ld + c];
-      const A pj = ps[j] * inv;
-      ps[j] = pj;
-      dss[j] = pj * (dp - delta) * scale;
+      for (int64_t c = 0; c < d; ++c) dp += b.gos[c] * b.vs[j * ld + c];
+      const A pj = b.ps[j] * inv;
+      b.ps[j] = pj;
+      b.dss[j] = pj * (dp - delta) * scale;
     }
     MMBOAT_SYNCWARP();
-    for (int64_t c = lane; c < d; c += kWarp) {
+    for (int64_t c = b.lane; c < d; c += kWarp) {
       A acc = 0;
-      const A qc = qs[c], gc = gos[c];
-      for (int64_t j = 0; j < count; ++j) {
-        const A ds = dss[j];
-        acc += ds * ks[j * ld + c];
-        atomicAdd(&dks[j * ld + c], ds * qc);
-        atomicAdd(&dvs[j * ld + c], ps[j] * gc);
+      const A qc = b.qs[c], gc = b.gos[c];
+      for (int64_t j = 0; j < b.count; ++j) {
+        const A ds = b.dss[j];
+        acc += ds * b.ks[j * ld + c];
+        atomicAdd(&b.dks[j * ld + c], ds * qc);
+        atomicAdd(&b.dvs[j * ld + c], b.ps[j] * gc);
       }
       grad_q[at + c] = from_f<T>(acc);
     }
     MMBOAT_SYNCWARP();
   }
   __syncthreads();
-  for (int64_t idx = threadIdx.x; idx < count * d; idx += blockDim.x) {
+  for (int64_t idx = threadIdx.x; idx < b.count * d; idx += blockDim.x) {
     const int64_t j = idx / d, c = idx % d;
-    const int64_t pos = j < lk.own.size ? lk.own.offset + j : lk.extra.offset + (j - lk.own.size);
-    const int64_t tok = perm_row[pos];
-    atomicAdd(&gk_acc[(base + tok) * d + c], dks[j * ld + c]);
-    atomicAdd(&gv_acc[(base + tok) * d + c], dvs[j * ld + c]);
+    const int64_t pos =
+        j < b.lk.own.size ? b.lk.own.offset + j : b.lk.extra.offset + (j - b.lk.own.size);
+    const int64_t tok = b.perm_row[pos];
+    atomicAdd(&gk_acc[(b.base + tok) * d + c], b.dks[j * ld + c]);
+    atomicAdd(&gv_acc[(b.base + tok) * d + c], b.dvs[j * ld + c]);
   }
 }
 

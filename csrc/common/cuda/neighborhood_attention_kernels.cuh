@@ -184,12 +184,13 @@ MMBOAT_CUDA_HD A scale_of(const Problem& p) {
   }
 }
 
-// Per-axis position of one token.
-struct AxisPos {
-  int group, inner, group_len;
+// Position of one token per axis: its dilation group, its inner coordinate in the group and the
+// group's length.
+struct ItemAxes {
+  int group[kMaxAxes], inner[kMaxAxes], group_len[kMaxAxes];
 };
 
-MMBOAT_CUDA_HD void decode_token(const Problem& p, int64_t n, AxisPos pos[kMaxAxes]) {
+MMBOAT_CUDA_HD void decode_token(const Problem& p, int64_t n, ItemAxes& pos) {
   const int x2 = static_cast<int>(n % p.length[2]);
   n /= p.length[2];
   const int x1 = static_cast<int>(n % p.length[1]);
@@ -197,9 +198,9 @@ MMBOAT_CUDA_HD void decode_token(const Problem& p, int64_t n, AxisPos pos[kMaxAx
   const int x[kMaxAxes] = {x0, x1, x2};
 #pragma unroll
   for (int a = 0; a < kMaxAxes; ++a) {
-    pos[a].group = x[a] % p.dilation[a];
-    pos[a].inner = x[a] / p.dilation[a];
-    pos[a].group_len = group_length(p.length[a], p.dilation[a], pos[a].group);
+    pos.group[a] = x[a] % p.dilation[a];
+    pos.inner[a] = x[a] / p.dilation[a];
+    pos.group_len[a] = group_length(p.length[a], p.dilation[a], pos.group[a]);
   }
 }
 
@@ -220,19 +221,18 @@ MMBOAT_CUDA_HD int rpb_index(const Problem& p, const int kj[kMaxAxes], const int
   return (b0 * (2 * p.kernel[1] - 1) + b1) * (2 * p.kernel[2] - 1) + b2;
 }
 
-// Window of one query, all axes.
+// Window of one query (at `pos`), all axes: first key and key count (inner coordinates, in the
+// query's groups).
 struct QueryWindow {
-  int group[kMaxAxes], inner[kMaxAxes], start[kMaxAxes], count[kMaxAxes];
+  int start[kMaxAxes], count[kMaxAxes];
 };
 
-MMBOAT_CUDA_HD QueryWindow query_window(const Problem& p, const AxisPos pos[kMaxAxes]) {
+MMBOAT_CUDA_HD QueryWindow query_window(const Problem& p, const ItemAxes& pos) {
   QueryWindow w;
 #pragma unroll
   for (int a = 0; a < kMaxAxes; ++a) {
-    w.group[a] = pos[a].group;
-    w.inner[a] = pos[a].inner;
-    w.start[a] = window_start(pos[a].inner, pos[a].group_len, p.kernel[a], p.causal[a] != 0);
-    w.count[a] = window_count(pos[a].inner, w.start[a], p.kernel[a], p.causal[a] != 0);
+    w.start[a] = window_start(pos.inner[a], pos.group_len[a], p.kernel[a], p.causal[a] != 0);
+    w.count[a] = window_count(pos.inner[a], w.start[a], p.kernel[a], p.causal[a] != 0);
   }
   return w;
 }
@@ -515,7 +515,7 @@ struct SimpleItem {
   int64_t n;
   int lane;
   bool valid;
-  AxisPos pos[kMaxAxes];
+  ItemAxes pos;
 };
 
 __device__ __forceinline__ SimpleItem simple_item(const Problem& p) {
@@ -601,31 +601,27 @@ __device__ __forceinline__ void for_each_bh_rpb_grad(const Problem& p, A* grad_r
   }
 }
 
-// The queries whose window holds one key (inner coordinates kj in groups grp), as inclusive
-// per-axis ranges of inner coordinates [lo, hi] (a box that still holds queries whose window
-// misses the key on a causal or border axis; for_each_inverse_query filters them).
+// The queries whose window holds one key (at `pos`), as inclusive per-axis ranges [lo, hi] of
+// inner coordinates in the key's groups (a box that still holds queries whose window misses the
+// key on a causal or border axis; for_each_inverse_query filters them).
 struct InverseWindow {
-  int lo[kMaxAxes], hi[kMaxAxes], kj[kMaxAxes], grp[kMaxAxes], group_len[kMaxAxes];
+  int lo[kMaxAxes], hi[kMaxAxes];
 };
 
-MMBOAT_CUDA_HD InverseWindow inverse_window_of(const Problem& p, const AxisPos pos[kMaxAxes]) {
+MMBOAT_CUDA_HD InverseWindow inverse_window_of(const Problem& p, const ItemAxes& pos) {
   InverseWindow iw;
 #pragma unroll
-  for (int a = 0; a < kMaxAxes; ++a) {
-    iw.kj[a] = pos[a].inner;
-    iw.grp[a] = pos[a].group;
-    iw.group_len[a] = pos[a].group_len;
-    inverse_window(iw.kj[a], pos[a].group_len, p.kernel[a], p.causal[a] != 0, &iw.lo[a],
+  for (int a = 0; a < kMaxAxes; ++a)
+    inverse_window(pos.inner[a], pos.group_len[a], p.kernel[a], p.causal[a] != 0, &iw.lo[a],
                    &iw.hi[a]);
-  }
   return iw;
 }
 
 // Calls f(qi, slot) for every query (inner coordinates qi, in the key's groups) whose window
-// holds the key, slot being the key's full-layout index in that window.
+// holds the key at `pos`, slot being the key's full-layout index in that window.
 template <typename F>
-__device__ __forceinline__ void for_each_inverse_query(const Problem& p, const InverseWindow& iw,
-                                                       F&& f) {
+__device__ __forceinline__ void for_each_inverse_query(const Problem& p, const ItemAxes& pos,
+                                                       const InverseWindow& iw, F&& f) {
   int qi[kMaxAxes];
   for (qi[0] = iw.lo[0]; qi[0] <= iw.hi[0]; ++qi[0])
     for (qi[1] = iw.lo[1]; qi[1] <= iw.hi[1]; ++qi[1])
@@ -635,8 +631,8 @@ __device__ __forceinline__ void for_each_inverse_query(const Problem& p, const I
 #pragma unroll
         for (int a = 0; a < kMaxAxes; ++a) {
           const bool c = p.causal[a] != 0;
-          const int st = window_start(qi[a], iw.group_len[a], p.kernel[a], c);
-          t[a] = iw.kj[a] - st;
+          const int st = window_start(qi[a], pos.group_len[a], p.kernel[a], c);
+          t[a] = pos.inner[a] - st;
           inside = inside && t[a] >= 0 && t[a] < window_count(qi[a], st, p.kernel[a], c);
         }
         if (!inside) continue;
@@ -677,12 +673,12 @@ __global__ void __launch_bounds__(kSimpleThreads)
         for (int t1 = 0; t1 < w.count[1]; ++t1)
           for (int t2 = 0; t2 < w.count[2]; ++t2) {
             const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
-            const int64_t krow = bh * n_tok + token_index(p, kj, w.group);
+            const int64_t krow = bh * n_tok + token_index(p, kj, it.pos.group);
             const T* k = key + krow * dim;
             A s = group_dot(q, k, dim, lane) * scale;
             int ridx = 0;
             if (rpb_h) {
-              ridx = rpb_index(p, kj, w.inner);
+              ridx = rpb_index(p, kj, it.pos.inner);
               s += to_f(rpb_h[ridx]);
             }
             const A pr = exp_f(s - lse_q);
@@ -719,12 +715,12 @@ __global__ void __launch_bounds__(kSimpleThreads)
     const T* v = value + krow * dim;
     for (int base = 0; base < dim; base += kLanes * DPL) {
       LaneSlice<A, DPL> dk(base, it.lane, dim), dv(base, it.lane, dim);
-      for_each_inverse_query(p, iw, [&](const int* qi, int) {
-        const int64_t qrow = bh * n_tok + token_index(p, qi, iw.grp);
+      for_each_inverse_query(p, it.pos, iw, [&](const int* qi, int) {
+        const int64_t qrow = bh * n_tok + token_index(p, qi, it.pos.group);
         const T* q = query + qrow * dim;
         const T* dout = grad_out + qrow * dim;
         A s = group_dot(q, k, dim, it.lane) * scale;
-        if (rpb_h) s += to_f(rpb_h[rpb_index(p, iw.kj, qi)]);
+        if (rpb_h) s += to_f(rpb_h[rpb_index(p, it.pos.inner, qi)]);
         const A pr = exp_f(s - lse[qrow]);
         const A dp = group_dot(dout, v, dim, it.lane);
         const A ds = pr * (dp - delta[qrow]);
@@ -776,9 +772,9 @@ __global__ void __launch_bounds__(kSimpleThreads)
             continue;
           }
           const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
-          const int64_t krow = bh * n_tok + token_index(p, kj, w.group);
+          const int64_t krow = bh * n_tok + token_index(p, kj, it.pos.group);
           acc_t<T> s = group_dot(xq, y + krow * dim, dim, it.lane);
-          if (rpb_h) s += to_f(rpb_h[rpb_index(p, kj, w.inner)]);
+          if (rpb_h) s += to_f(rpb_h[rpb_index(p, kj, it.pos.inner)]);
           if (it.lane == 0) a_row[slot] = from_f<T>(s);
         }
   }
@@ -811,9 +807,9 @@ __global__ void __launch_bounds__(kSimpleThreads)
           for (int t2 = 0; t2 < w.count[2]; ++t2) {
             const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
             const A g = to_f(wrow[(t0 * p.kernel[1] + t1) * p.kernel[2] + t2]);
-            acc.add(g, y + (bh * n_tok + token_index(p, kj, w.group)) * dim);
+            acc.add(g, y + (bh * n_tok + token_index(p, kj, it.pos.group)) * dim);
             if (rpb_grad && base == 0 && it.lane == 0)
-              acc_rpb.add(rpb_index(p, kj, w.inner), g);
+              acc_rpb.add(rpb_index(p, kj, it.pos.inner), g);
           }
       acc.store(out + row * dim);
     }
@@ -833,8 +829,8 @@ __global__ void __launch_bounds__(kSimpleThreads)
   for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
     for (int base = 0; base < dim; base += kLanes * DPL) {
       LaneSlice<acc_t<T>, DPL> acc(base, it.lane, dim);
-      for_each_inverse_query(p, iw, [&](const int* qi, int slot) {
-        const int64_t qrow = bh * n_tok + token_index(p, qi, iw.grp);
+      for_each_inverse_query(p, it.pos, iw, [&](const int* qi, int slot) {
+        const int64_t qrow = bh * n_tok + token_index(p, qi, it.pos.group);
         acc.add(to_f(weights[qrow * ksize + slot]), x + qrow * dim);
       });
       acc.store(out + (bh * n_tok + it.n) * dim);

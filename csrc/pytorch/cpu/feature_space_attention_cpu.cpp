@@ -50,9 +50,10 @@ void check_permutation(const at::Tensor& perm, const char* op) {
 std::tuple<at::Tensor, at::Tensor> clustered_attention_forward_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& perm, int64_t cluster_size, int64_t overlap, double scale) {
-  check_attention_inputs(query, key, value, perm, cluster_size, overlap);
+  const char* op = "clustered_attention_forward";
+  check_attention_inputs(op, Backend::kCPU, query, key, value, perm, cluster_size, overlap);
   MMBOAT_CHECK_CPU(query);
-  check_permutation(perm, "clustered_attention_forward");
+  check_permutation(perm, op);
   at::Tensor out = at::empty_like(query);
   at::Tensor lse = at::empty(query.sizes().slice(0, 3), query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "clustered_attention_forward_cpu", [&] {
@@ -69,10 +70,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clustered_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& perm, const at::Tensor& out,
     const at::Tensor& logsumexp, int64_t cluster_size, int64_t overlap, double scale) {
-  check_attention_backward_inputs(grad_out, query, key, value, perm, out, logsumexp,
-                                  cluster_size, overlap);
+  const char* op = "clustered_attention_backward";
+  check_attention_backward_inputs(op, Backend::kCPU, grad_out, query, key, value, perm, out,
+                                  logsumexp, cluster_size, overlap);
   MMBOAT_CHECK_CPU(query);
-  check_permutation(perm, "clustered_attention_backward");
+  check_permutation(perm, op);
   at::Tensor grad_q = at::zeros_like(query);
   at::Tensor grad_k = at::zeros_like(key);
   at::Tensor grad_v = at::zeros_like(value);
@@ -89,11 +91,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clustered_attention_backward_cpu(
 }
 
 }  // namespace
-}  // namespace fsla
-}  // namespace mmboat
 
 TORCH_LIBRARY_IMPL(mmboat, CPU, m) {
-  m.impl("bhc_cluster", &mmboat::fsla::bhc_cluster_cpu);
-  m.impl("clustered_attention_forward", &mmboat::fsla::clustered_attention_forward_cpu);
-  m.impl("clustered_attention_backward", &mmboat::fsla::clustered_attention_backward_cpu);
+  register_kernels<&bhc_cluster_cpu, &clustered_attention_forward_cpu,
+                   &clustered_attention_backward_cpu>(m);
 }
+
+}  // namespace fsla
+}  // namespace mmboat

@@ -182,11 +182,11 @@ std::tuple<at::Tensor, at::Tensor> av_backward(const at::Tensor& grad_out,
 }
 
 }  // namespace
-}  // namespace na
-}  // namespace mmboat
 
 TORCH_LIBRARY_IMPL(mmboat, CPU, m) {
-  using namespace mmboat::na;
   register_kernels<&fused_forward, &fused_backward, &qk_forward, &qk_backward, &av_forward,
                    &av_backward>(m);
 }
+
+}  // namespace na
+}  // namespace mmboat

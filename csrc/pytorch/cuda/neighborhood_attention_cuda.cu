@@ -24,8 +24,7 @@ namespace {
 namespace kern = ::mmboat::cuda::na;
 
 using cuda_launch::check_cuda_floating;
-using cuda_launch::check_launch;
-using cuda_launch::dispatch_cuda_type;
+using cuda_launch::launch_for_dtype;
 using cuda_launch::ptr;
 
 kern::Problem to_problem(const Shape3d& s, double scale, const char* op) {
@@ -47,17 +46,11 @@ kern::Problem to_problem(const Shape3d& s, double scale, const char* op) {
 }
 
 // Shared memory the fused forward may use: up to 64 KiB (occupancy), more only if needed.
-size_t smem_budget(const at::Tensor& t, const Shape3d& s, size_t elem_size, size_t acc_size) {
+size_t smem_budget(const at::Tensor& t, const kern::Problem& p, size_t elem_size,
+                   size_t acc_size) {
   const size_t optin = cuda_launch::smem_optin(t);
   const size_t preferred = std::min<size_t>(optin, 64 * 1024);
   kern::ForwardTiling tiling;
-  kern::Problem p;
-  p.head_dim = int(s.dim);
-  for (int a = 0; a < 3; ++a) {
-    p.length[a] = int(s.size[a]);
-    p.kernel[a] = s.kernel[a];
-    p.dilation[a] = s.dilation[a];
-  }
   if (kern::make_forward_tiling(p, elem_size, preferred, false, &tiling, acc_size) == nullptr)
     return preferred;
   return optin;
@@ -82,14 +75,12 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(int nd, const at::Tensor& 
                              query.options().dtype(lse_dtype(query.scalar_type())));
   if (query.numel() == 0) return {out, lse};
   const kern::Problem p = to_problem(s, scale, op);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_cuda_type(query.scalar_type(), op, [&](auto* tag) {
+  launch_for_dtype(query.scalar_type(), op, [&](auto* tag, cudaStream_t stream) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using A = kern::acc_t<T>;
-    const char* err = kern::launch_fused_forward<T>(
+    return kern::launch_fused_forward<T>(
         p, ptr<T>(query), ptr<T>(key), ptr<T>(value), ptr<T>(rpb), ptr<T>(out), ptr<A>(lse),
-        smem_budget(query, s, sizeof(T), sizeof(A)), stream);
-    check_launch(err, op);
+        smem_budget(query, p, sizeof(T), sizeof(A)), stream);
   });
   return {out, lse};
 }
@@ -114,15 +105,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> fused_
   if (query.numel() > 0) {
     at::Tensor delta = at::empty_like(logsumexp);
     const kern::Problem p = to_problem(s, scale, op);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch_cuda_type(query.scalar_type(), op, [&](auto* tag) {
+    launch_for_dtype(query.scalar_type(), op, [&](auto* tag, cudaStream_t stream) {
       using T = std::remove_pointer_t<decltype(tag)>;
       using A = kern::acc_t<T>;
-      const char* err = kern::launch_fused_backward<T>(
+      return kern::launch_fused_backward<T>(
           p, ptr<T>(grad_out), ptr<T>(query), ptr<T>(key), ptr<T>(value), ptr<T>(rpb),
           ptr<T>(out), ptr<A>(logsumexp), ptr<A>(delta), ptr<T>(grad_query), ptr<T>(grad_key),
           ptr<T>(grad_value), ptr<A>(grad_rpb_acc), stream);
-      check_launch(err, op);
     });
   }
   c10::optional<at::Tensor> grad_rpb;
@@ -141,12 +130,9 @@ at::Tensor qk_forward_cuda(const at::Tensor& query, const at::Tensor& key,
   at::Tensor attn = at::empty(attn_shape(query, s), query.options());
   if (attn.numel() == 0) return attn;
   const kern::Problem p = to_problem(s, 1.0, op);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_cuda_type(query.scalar_type(), op, [&](auto* tag) {
+  launch_for_dtype(query.scalar_type(), op, [&](auto* tag, cudaStream_t stream) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    check_launch(kern::launch_qk<T>(p, ptr<T>(query), ptr<T>(key), ptr<T>(rpb), ptr<T>(attn),
-                                    stream),
-                 op);
+    return kern::launch_qk<T>(p, ptr<T>(query), ptr<T>(key), ptr<T>(rpb), ptr<T>(attn), stream);
   });
   return attn;
 }
@@ -167,13 +153,11 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> qk_backward_cuda(
                              query.options().dtype(lse_dtype(query.scalar_type())));
   if (query.numel() > 0) {
     const kern::Problem p = to_problem(s, 1.0, op);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch_cuda_type(query.scalar_type(), op, [&](auto* tag) {
+    launch_for_dtype(query.scalar_type(), op, [&](auto* tag, cudaStream_t stream) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      check_launch(kern::launch_qk_backward<T>(p, ptr<T>(grad_attn), ptr<T>(query), ptr<T>(key),
-                                               ptr<T>(grad_query), ptr<T>(grad_key),
-                                               ptr<kern::acc_t<T>>(grad_rpb_acc), stream),
-                   op);
+      return kern::launch_qk_backward<T>(p, ptr<T>(grad_attn), ptr<T>(query), ptr<T>(key),
+                                         ptr<T>(grad_query), ptr<T>(grad_key),
+                                         ptr<kern::acc_t<T>>(grad_rpb_acc), stream);
     });
   }
   c10::optional<at::Tensor> grad_rpb;
@@ -191,10 +175,9 @@ at::Tensor av_forward_cuda(const at::Tensor& attn, const at::Tensor& value,
   at::Tensor out = at::empty_like(value);
   if (out.numel() == 0) return out;
   const kern::Problem p = to_problem(s, 1.0, op);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_cuda_type(value.scalar_type(), op, [&](auto* tag) {
+  launch_for_dtype(value.scalar_type(), op, [&](auto* tag, cudaStream_t stream) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    check_launch(kern::launch_av<T>(p, ptr<T>(attn), ptr<T>(value), ptr<T>(out), stream), op);
+    return kern::launch_av<T>(p, ptr<T>(attn), ptr<T>(value), ptr<T>(out), stream);
   });
   return out;
 }
@@ -213,12 +196,10 @@ std::tuple<at::Tensor, at::Tensor> av_backward_cuda(const at::Tensor& grad_out,
   at::Tensor grad_value = at::empty_like(value);
   if (value.numel() > 0) {
     const kern::Problem p = to_problem(s, 1.0, op);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch_cuda_type(value.scalar_type(), op, [&](auto* tag) {
+    launch_for_dtype(value.scalar_type(), op, [&](auto* tag, cudaStream_t stream) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      check_launch(kern::launch_av_backward<T>(p, ptr<T>(grad_out), ptr<T>(attn), ptr<T>(value),
-                                               ptr<T>(grad_attn), ptr<T>(grad_value), stream),
-                   op);
+      return kern::launch_av_backward<T>(p, ptr<T>(grad_out), ptr<T>(attn), ptr<T>(value),
+                                         ptr<T>(grad_attn), ptr<T>(grad_value), stream);
     });
   } else {
     grad_attn.zero_();
@@ -227,11 +208,11 @@ std::tuple<at::Tensor, at::Tensor> av_backward_cuda(const at::Tensor& grad_out,
 }
 
 }  // namespace
-}  // namespace na
-}  // namespace mmboat
 
 TORCH_LIBRARY_IMPL(mmboat, CUDA, m) {
-  using namespace mmboat::na;
   register_kernels<&fused_forward_cuda, &fused_backward_cuda, &qk_forward_cuda,
                    &qk_backward_cuda, &av_forward_cuda, &av_backward_cuda>(m);
 }
+
+}  // namespace na
+}  // namespace mmboat

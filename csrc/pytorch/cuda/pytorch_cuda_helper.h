@@ -36,22 +36,11 @@ inline void check_cuda_floating(const at::Tensor& t, const char* op, const char*
 // Calls f(T*) (a null pointer: only its type matters) with the CUDA element type of `st`.
 template <typename F>
 void dispatch_cuda_type(at::ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(static_cast<float*>(nullptr));
-      break;
-    case at::kDouble:
-      f(static_cast<double*>(nullptr));
-      break;
-    case at::kHalf:
-      f(static_cast<__half*>(nullptr));
-      break;
-    case at::kBFloat16:
-      f(static_cast<__nv_bfloat16*>(nullptr));
-      break;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", st, " on CUDA");
-  }
+  if (st == at::kFloat) return f(static_cast<float*>(nullptr));
+  if (st == at::kDouble) return f(static_cast<double*>(nullptr));
+  if (st == at::kHalf) return f(static_cast<__half*>(nullptr));
+  if (st == at::kBFloat16) return f(static_cast<__nv_bfloat16*>(nullptr));
+  TORCH_CHECK(false, op, ": unsupported dtype ", st, " on CUDA");
 }
 
 // The tensor's data as T* (nullptr for an undefined tensor).
@@ -64,6 +53,15 @@ T* ptr(const at::Tensor& t) {
 inline void check_launch(const char* err, const char* op) {
   TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Runs a torch-free launcher for the CUDA element type of `st` on the current stream:
+// launch(T*, stream) returns the launcher's error message or nullptr; both it and the CUDA
+// launch error become a RuntimeError naming `op`.
+template <typename F>
+void launch_for_dtype(at::ScalarType st, const char* op, F&& launch) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_cuda_type(st, op, [&](auto* tag) { check_launch(launch(tag, stream), op); });
 }
 
 // Shared memory a block may opt in to on t's device.
