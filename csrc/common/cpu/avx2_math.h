@@ -8,8 +8,8 @@
 //    Avx2Ops).
 //  * MMBOAT_AVX2_VEC (AVX2 without FMA) marks the AVX2 instances of generic loops that the
 //    compiler vectorises (the FSLA generic split and leaf loops). Without FMA the compiler cannot
-//    contract a * b + c, and vectorising keeps every element's operations, so such an instance
-//    gives exactly the bits of its baseline instance, only faster.
+//    contract a * b + c, and without -ffast-math it vectorises only element-wise work (no
+//    reordered sums), so such an instance rounds exactly as its baseline instance does.
 // The caller picks an instance per call (avx2_or, generic_instance), never per element.
 #pragma once
 
@@ -52,20 +52,20 @@ Fn avx2_or(Fn baseline, Fn avx2) {
   return avx2 != nullptr && cpu_has_avx2() ? avx2 : baseline;
 }
 
-// The two instances of a generic kernel, whose code is Kernel::run (MMBOAT_INLINE): for the
-// baseline ISA and for AVX2 without FMA (MMBOAT_AVX2_VEC). generic_instance<Fn, Kernel>() is
-// the one this CPU runs, as a pointer of type Fn (its parameter types are the instances').
-template <class Kernel, typename... Args>
+// The two instances of a generic kernel F (a function written for the compiler to vectorise,
+// MMBOAT_INLINE): for the baseline ISA and for AVX2 without FMA (MMBOAT_AVX2_VEC), each with F
+// inlined. generic_instance<F>() is the one this CPU runs, a pointer of F's type.
+template <auto F, typename... Args>
 void run_baseline(Args... args) {
-  Kernel::run(args...);
+  F(args...);
 }
-template <class Kernel, typename... Args>
+template <auto F, typename... Args>
 MMBOAT_AVX2_VEC void run_avx2_vec(Args... args) {
-  Kernel::run(args...);
+  F(args...);
 }
-template <typename Fn, class Kernel>
-Fn generic_instance() {
-  return avx2_or<Fn>(&run_baseline<Kernel>, &run_avx2_vec<Kernel>);
+template <auto F>
+decltype(F) generic_instance() {
+  return avx2_or<decltype(F)>(&run_baseline<F>, &run_avx2_vec<F>);
 }
 
 // AVX2 kernels specialised on the head dim are templates on NC = d / 8 (registers hold a row);

@@ -227,9 +227,9 @@ inline void child_halves(int64_t n, int64_t (&bounds)[5]) {
   bounds[4] = n;
 }
 
-// The generic split of one group with n >= 2 tokens (see split_group). Its loops are written
-// for the compiler to vectorise (SplitGroupLoops below gives its AVX2 instance).
-MMBOAT_INLINE void split_group_generic(const GroupIO& io, int64_t d, int64_t* order, int64_t n,
+// The generic split of one group with n >= 2 tokens (see split_group). Its three hot loops run
+// in the instance (baseline or AVX2) this CPU takes.
+inline void split_group_generic(const GroupIO& io, int64_t d, int64_t* order, int64_t n,
                                        int64_t iters, float tau, SplitScratch& s) {
   const float* feats = io.feats;
   const int64_t xs = io.xs;
@@ -258,16 +258,19 @@ MMBOAT_INLINE void split_group_generic(const GroupIO& io, int64_t d, int64_t* or
   // transposing stores thrash when n is a multiple of 1024).
   const int64_t ld = ((n + 15) & ~int64_t(15)) + 16;
   s.feats_t.resize(d * ld);
-  transpose_rows(feats, xs, io.inv, n, d, s.feats_t.data(), ld);
+  static const auto transpose = simd::generic_instance<&transpose_rows>();
+  static const auto cosines = simd::generic_instance<&group_cosines>();
+  static const auto sums = simd::generic_instance<&soft_assign_sums>();
+  transpose(feats, xs, io.inv, n, d, s.feats_t.data(), ld);
   s.cos0.resize(n);
   s.cos1.resize(n);
   for (int64_t it = 0; it < iters; ++it) {
-    group_cosines(s.feats_t.data(), ld, c0, c1, d, n, s.cos0.data(), s.cos1.data());
-    soft_assign_sums(feats, xs, s.cos0.data(), s.cos1.data(), d, n, tau, c0, c1);
+    cosines(s.feats_t.data(), ld, c0, c1, d, n, s.cos0.data(), s.cos1.data());
+    sums(feats, xs, s.cos0.data(), s.cos1.data(), d, n, tau, c0, c1);
     normalise(c0, d);
     normalise(c1, d);
   }
-  group_cosines(s.feats_t.data(), ld, c0, c1, d, n, s.cos0.data(), s.cos1.data());
+  cosines(s.feats_t.data(), ld, c0, c1, d, n, s.cos0.data(), s.cos1.data());
   s.keyed.resize(n);
   s.score_lo = 0xFFFFFFFFu;
   s.score_hi = 0;
@@ -294,14 +297,6 @@ MMBOAT_INLINE void split_group_generic(const GroupIO& io, int64_t d, int64_t* or
     }
   });
 }
-
-// split_group_generic as a kernel of simd::generic_instance (baseline and AVX2 instances).
-struct SplitGroupLoops {
-  template <typename... Args>
-  static MMBOAT_INLINE void run(Args... args) {
-    split_group_generic(args...);
-  }
-};
 
 #if MMBOAT_X86
 // ---------------------------------------------------------------------------------------------
@@ -644,9 +639,7 @@ inline void split_group(const GroupIO& io, int64_t d, int64_t* order, int64_t n,
 #if MMBOAT_X86
   if (split_group_avx2(io, d, order, n, iters, tau, s)) return;
 #endif
-  using Split = void (*)(const GroupIO&, int64_t, int64_t*, int64_t, int64_t, float,
-                        SplitScratch&);
-  simd::generic_instance<Split, SplitGroupLoops>()(io, d, order, n, iters, tau, s);
+  split_group_generic(io, d, order, n, iters, tau, s);
 }
 
 // Clusters `rows` = batch * heads rows of n tokens with d float features: token t of row r is

@@ -261,22 +261,6 @@ MMBOAT_INLINE void attention_backward_leaf(const T* q, const T* grad_out, const 
   }
 }
 
-// The generic leaves as kernels of simd::generic_instance (baseline and AVX2 instances).
-template <typename T>
-struct ForwardLeafLoops {
-  template <typename... Args>
-  static MMBOAT_INLINE void run(Args... args) {
-    attention_forward_leaf<T>(args...);
-  }
-};
-template <typename T>
-struct BackwardLeafLoops {
-  template <typename... Args>
-  static MMBOAT_INLINE void run(Args... args) {
-    attention_backward_leaf<T>(args...);
-  }
-};
-
 #if MMBOAT_X86
 // Logits of one query row (qv) with 8 keys by row from kj: lane r = key r.
 template <int NC>
@@ -418,12 +402,13 @@ struct Avx2Leaves<float> {
 #endif
 
 // The leaf kernel for head dim d: the AVX2 one from `avx2` where there is one and the CPU runs
-// it (it reads the keys by row: *keys_by_row), else the generic Loops.
-template <typename Fn, class Loops>
-Fn pick_leaf(int64_t d, const Fn (&avx2)[8], bool* keys_by_row) {
-  const Fn fast = simd::pick_avx2(d, avx2);
+// it (it reads the keys by row: *keys_by_row), else the generic one (its baseline or AVX2
+// instance).
+template <auto Generic>
+decltype(Generic) pick_leaf(int64_t d, const decltype(Generic) (&avx2)[8], bool* keys_by_row) {
+  const decltype(Generic) fast = simd::pick_avx2(d, avx2);
   *keys_by_row = fast != nullptr;
-  return fast ? fast : simd::generic_instance<Fn, Loops>();
+  return fast ? fast : simd::generic_instance<Generic>();
 }
 
 // out and lse ([rows, n, d] and [rows, n]) of attention within the leaves of perm ([rows, n],
@@ -435,8 +420,8 @@ void clustered_attention_forward(const Parallel& par, const T* q, const T* k, co
   const int levels = bhc::num_levels(n, cluster_size);
   const int64_t leaves = int64_t(1) << levels;
   bool keys_by_row = false;
-  const ForwardLeaf<T> leaf_kernel = pick_leaf<ForwardLeaf<T>, ForwardLeafLoops<T>>(
-      d, Avx2Leaves<T>::forward, &keys_by_row);
+  const ForwardLeaf<T> leaf_kernel =
+      pick_leaf<&attention_forward_leaf<T>>(d, Avx2Leaves<T>::forward, &keys_by_row);
   par.for_range(0, rows * leaves, 1, [&](int64_t begin, int64_t end) {
     LeafBuffers<T> buf;
     for (int64_t task = begin; task < end; ++task) {
@@ -464,8 +449,8 @@ void clustered_attention_backward(const Parallel& par, const T* grad_out, const 
   const int64_t per_task = levels > 0 ? 2 : 1;
   const int64_t tasks = leaves / per_task;
   bool keys_by_row = false;
-  const BackwardLeaf<T> leaf_kernel = pick_leaf<BackwardLeaf<T>, BackwardLeafLoops<T>>(
-      d, Avx2Leaves<T>::backward, &keys_by_row);
+  const BackwardLeaf<T> leaf_kernel =
+      pick_leaf<&attention_backward_leaf<T>>(d, Avx2Leaves<T>::backward, &keys_by_row);
   par.for_range(0, rows * tasks, 1, [&](int64_t begin, int64_t end) {
     LeafBuffers<T> buf;
     for (int64_t task = begin; task < end; ++task) {

@@ -122,13 +122,24 @@ struct GenericOps {
 struct Avx2Ops {
   using acc_t = float;
 
-  // a[i] += x[d, d + 8) * rows[i][d, d + 8) for i < 4: four dot products advanced by 8 columns
-  // (one load of x for the four).
-  MMBOAT_AVX2 static MMBOAT_INLINE void fma4(const float* __restrict x, const float* const* rows,
-                                             int d, __m256* a) {
-    const __m256 xv = _mm256_loadu_ps(x + d);
-    for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(rows[i] + d), a[i]);
-  }
+  // Four rows (slots) of one slot list and a dot-product accumulator for each.
+  struct Rows4 {
+    const float *r0, *r1, *r2, *r3;
+    __m256 a0, a1, a2, a3;
+    MMBOAT_AVX2 MMBOAT_INLINE Rows4(const float* base, const int64_t* off)
+        : r0(base + off[0]), r1(base + off[1]), r2(base + off[2]), r3(base + off[3]),
+          a0(_mm256_setzero_ps()), a1(_mm256_setzero_ps()), a2(_mm256_setzero_ps()),
+          a3(_mm256_setzero_ps()) {}
+    // a_i += x[d, d + 8) * r_i[d, d + 8): the four dot products advanced by 8 columns (one
+    // load of x for the four).
+    MMBOAT_AVX2 MMBOAT_INLINE void fma(const float* x, int d) {
+      const __m256 xv = _mm256_loadu_ps(x + d);
+      a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(r0 + d), a0);
+      a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(r1 + d), a1);
+      a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(r2 + d), a2);
+      a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(r3 + d), a3);
+    }
+  };
 
   // Calls f(std::integral_constant<int, dim / 8>()) and returns true for the head dims that
   // have kernel instances of their own (16, 32, 64: the dim loop unrolls into fixed offsets);
@@ -174,13 +185,10 @@ struct Avx2Ops {
       _mm256_storeu_ps(out + s, t);
     }
     for (; s + 4 <= n; s += 4) {
-      const float* rows[4] = {base + off[s], base + off[s + 1], base + off[s + 2],
-                              base + off[s + 3]};
-      __m256 a[4];
-      for (int i = 0; i < 4; ++i) a[i] = _mm256_setzero_ps();
-      for (int v = 0; v < nv; ++v) fma4(q, rows, 8 * v, a);
-      const __m256 t0 = _mm256_hadd_ps(a[0], a[1]);
-      const __m256 t1 = _mm256_hadd_ps(a[2], a[3]);
+      Rows4 rows(base, off + s);
+      for (int v = 0; v < nv; ++v) rows.fma(q, 8 * v);
+      const __m256 t0 = _mm256_hadd_ps(rows.a0, rows.a1);
+      const __m256 t1 = _mm256_hadd_ps(rows.a2, rows.a3);
       const __m256 u = _mm256_hadd_ps(t0, t1);
       __m128 r = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
       if (add) r = _mm_add_ps(r, _mm_loadu_ps(add + s));
@@ -213,17 +221,13 @@ struct Avx2Ops {
     const int nv = NV > 0 ? NV : dim / 8;
     int s = 0;
     for (; s + 4 <= n; s += 4) {
-      const float* kr[4] = {kbase + off[s], kbase + off[s + 1], kbase + off[s + 2],
-                            kbase + off[s + 3]};
-      const float* vr[4] = {vbase + off[s], vbase + off[s + 1], vbase + off[s + 2],
-                            vbase + off[s + 3]};
-      __m256 a[4], b[4];
-      for (int i = 0; i < 4; ++i) a[i] = b[i] = _mm256_setzero_ps();
+      Rows4 keys(kbase, off + s), values(vbase, off + s);
       for (int v = 0; v < nv; ++v) {
-        fma4(q, kr, 8 * v, a);
-        fma4(g, vr, 8 * v, b);
+        keys.fma(q, 8 * v);
+        values.fma(g, 8 * v);
       }
-      const __m256 r = simd::hsum8(a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]);
+      const __m256 r = simd::hsum8(keys.a0, keys.a1, keys.a2, keys.a3, values.a0, values.a1,
+                                   values.a2, values.a3);
       __m128 lo = _mm256_castps256_ps128(r);
       if (add) lo = _mm_add_ps(lo, _mm_loadu_ps(add + s));
       _mm_storeu_ps(out + s, lo);
