@@ -1,6 +1,7 @@
 """Build of the ``mmboat._ext`` extension (metadata lives in pyproject.toml).
 
-* C++ sources (``csrc/pytorch/*.cpp``, ``csrc/pytorch/cpu/*.cpp``) are always compiled.
+* C++ sources (``csrc/pytorch/*.cpp``, ``csrc/pytorch/cpu/*.cpp``) are always compiled; the
+  torch-free kernels under ``csrc/common/`` are headers those launchers instantiate.
 * CUDA sources (``csrc/pytorch/cuda/*.cu``) are added when ``torch.cuda.is_available()`` or
   ``FORCE_CUDA=1``, and a CUDA toolkit is found.
 * ``MMBOAT_WITH_OPS=0`` installs the pure-Python package (ops fall back to the PyTorch

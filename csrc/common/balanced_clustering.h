@@ -11,11 +11,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define MMBOAT_BHC_HD __host__ __device__ __forceinline__
-#else
-#define MMBOAT_BHC_HD inline
-#endif
+#include "kernel_defs.h"
 
 namespace mmboat {
 namespace bhc {
@@ -23,7 +19,7 @@ namespace bhc {
 // Epsilon of F.normalize: x / max(|x|, eps).
 constexpr float kNormEps = 1e-12f;
 
-MMBOAT_BHC_HD int num_levels(int64_t num_tokens, int64_t cluster_size) {
+MMBOAT_HD int num_levels(int64_t num_tokens, int64_t cluster_size) {
   int levels = 0;
   while ((cluster_size << levels) < num_tokens) ++levels;
   return levels;
@@ -35,7 +31,7 @@ struct Extent {
   int64_t size;
 };
 
-MMBOAT_BHC_HD Extent group_extent(int64_t num_tokens, int level, int64_t group) {
+MMBOAT_HD Extent group_extent(int64_t num_tokens, int level, int64_t group) {
   Extent e{0, num_tokens};
   for (int l = level - 1; l >= 0; --l) {
     const int64_t first = e.size / 2;
@@ -50,7 +46,7 @@ MMBOAT_BHC_HD Extent group_extent(int64_t num_tokens, int level, int64_t group) 
 }
 
 // Largest leaf: ceil(N / 2^L) (<= m when L > 0).
-MMBOAT_BHC_HD int64_t max_leaf_size(int64_t num_tokens, int levels) {
+MMBOAT_HD int64_t max_leaf_size(int64_t num_tokens, int levels) {
   return (num_tokens + (int64_t(1) << levels) - 1) >> levels;
 }
 
@@ -62,7 +58,7 @@ struct LeafKeys {
   Extent extra;  // size 0 when there is no overlap
 };
 
-MMBOAT_BHC_HD LeafKeys leaf_keys(int64_t num_tokens, int levels, int64_t leaf, int64_t overlap) {
+MMBOAT_HD LeafKeys leaf_keys(int64_t num_tokens, int levels, int64_t leaf, int64_t overlap) {
   LeafKeys keys{group_extent(num_tokens, levels, leaf), Extent{0, 0}};
   if (levels > 0 && overlap > 0) {
     const Extent sib = group_extent(num_tokens, levels, leaf ^ 1);
@@ -75,7 +71,7 @@ MMBOAT_BHC_HD LeafKeys leaf_keys(int64_t num_tokens, int levels, int64_t leaf, i
 
 // Weight of centroid 0 in softmax(tau * (s0, s1)), computed as torch.softmax does.
 template <typename Exp>
-MMBOAT_BHC_HD float soft_assign0(float s0, float s1, float tau, Exp exp_fn) {
+MMBOAT_HD float soft_assign0(float s0, float s1, float tau, Exp exp_fn) {
   const float z0 = tau * s0, z1 = tau * s1;
   const float mx = z0 > z1 ? z0 : z1;
   const float e0 = exp_fn(z0 - mx), e1 = exp_fn(z1 - mx);
@@ -83,10 +79,10 @@ MMBOAT_BHC_HD float soft_assign0(float s0, float s1, float tau, Exp exp_fn) {
 }
 
 // Split score r = (1 + cos0) / (1 + cos1): ascending r goes to child 0.
-MMBOAT_BHC_HD float split_score(float cos0, float cos1) { return (1.0f + cos0) / (1.0f + cos1); }
+MMBOAT_HD float split_score(float cos0, float cos1) { return (1.0f + cos0) / (1.0f + cos1); }
 
 // Strict order of the segmented stable sort: NaN scores sort last (as torch.sort does).
-MMBOAT_BHC_HD bool score_less(float a, float b) {
+MMBOAT_HD bool score_less(float a, float b) {
   const bool a_nan = a != a, b_nan = b != b;
   return !a_nan && (b_nan || a < b);
 }

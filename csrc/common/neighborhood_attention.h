@@ -10,11 +10,9 @@
 // Requires L >= k * d (then L_g >= k for every group).
 #pragma once
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define MMBOAT_HD __host__ __device__ __forceinline__
-#else
-#define MMBOAT_HD inline
-#endif
+#include <cstdint>
+
+#include "kernel_defs.h"
 
 namespace mmboat {
 namespace na {
@@ -90,6 +88,25 @@ MMBOAT_HD AxisRange axis_inverse_range(int j, int length, int kernel_size, int d
   out.last = hi * dilation + g;
   return out;
 }
+
+// A problem seen as 3-D: a 1-D input [B, h, L, D] is [B, h, 1, 1, L, D], a 2-D input
+// [B, h, H, W, D] is [B, h, 1, H, W, D]; unused leading axes have k = d = 1, not causal (the
+// window rule then yields the single key 0 and rpb index 0 there). The torch checks
+// (csrc/pytorch/neighborhood_attention_checks.h) fill it; the CPU kernels read it.
+struct Shape3d {
+  int64_t batch = 0, heads = 0, dim = 0;
+  int64_t size[3] = {1, 1, 1};
+  int kernel[3] = {1, 1, 1};
+  int dilation[3] = {1, 1, 1};
+  bool causal[3] = {false, false, false};
+  bool has_rpb = false;
+
+  int64_t tokens() const { return size[0] * size[1] * size[2]; }
+  int64_t slots() const { return int64_t(kernel[0]) * kernel[1] * kernel[2]; }
+  // rpb table extents per axis (1 on the unused leading axes).
+  int64_t bias_extent(int axis) const { return 2 * kernel[axis] - 1; }
+  int64_t bias_size() const { return bias_extent(0) * bias_extent(1) * bias_extent(2); }
+};
 
 }  // namespace na
 }  // namespace mmboat

@@ -28,64 +28,70 @@ void check_cluster_inputs(const at::Tensor& x, int64_t cluster_size, int64_t ite
   TORCH_CHECK(std::isfinite(tau), "bhc_cluster: tau must be finite, got ", tau);
 }
 
-static void check_features(const char* name, const at::Tensor& t, const at::Tensor& query) {
-  TORCH_CHECK(t.defined(), "clustered_attention: ", name, " must be a tensor");
-  TORCH_CHECK(t.dim() == 4, "clustered_attention: ", name,
-              " must have 4 dimensions [B, heads, N, d], got shape ", t.sizes());
-  TORCH_CHECK(t.sizes() == query.sizes(), "clustered_attention: ", name,
-              " must have the shape of query ", query.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == query.scalar_type(), "clustered_attention: query and ", name,
+static void check_features(const char* op, const char* name, const at::Tensor& t,
+                           const at::Tensor& query) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor");
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must have 4 dimensions [B, heads, N, d], got shape ",
+              t.sizes());
+  TORCH_CHECK(t.sizes() == query.sizes(), op, ": ", name, " must have the shape of query ",
+              query.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == query.scalar_type(), op, ": query and ", name,
               " must have the same dtype, got ", query.scalar_type(), " and ", t.scalar_type());
-  TORCH_CHECK(t.device() == query.device(), "clustered_attention: query and ", name,
+  TORCH_CHECK(t.device() == query.device(), op, ": query and ", name,
               " must be on the same device, got ", query.device(), " and ", t.device());
-  TORCH_CHECK(t.is_contiguous(), "clustered_attention: ", name, " must be contiguous");
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-void check_attention_inputs(const at::Tensor& query, const at::Tensor& key,
-                            const at::Tensor& value, const at::Tensor& perm,
-                            int64_t cluster_size, int64_t overlap) {
+void check_attention_inputs(const char* op, Backend backend, const at::Tensor& query,
+                            const at::Tensor& key, const at::Tensor& value,
+                            const at::Tensor& perm, int64_t cluster_size, int64_t overlap) {
   MMBOAT_CHECK_DEFINED(query);
-  TORCH_CHECK(query.dim() == 4,
-              "clustered_attention: query must have 4 dimensions [B, heads, N, d], got shape ",
+  const auto st = query.scalar_type();
+  if (backend == Backend::kCUDA) {
+    TORCH_CHECK(query.device().is_cuda(), op, ": query must be a CUDA tensor, got ",
+                query.device());
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                op, ": query must be float32, float64, float16 or bfloat16 on CUDA, got ", st);
+  }
+  TORCH_CHECK(query.dim() == 4, op, ": query must have 4 dimensions [B, heads, N, d], got shape ",
               query.sizes());
-  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
-              "clustered_attention: query must be float32 or float64, got ", query.scalar_type());
-  TORCH_CHECK(query.size(2) >= 1 && query.size(3) >= 1,
-              "clustered_attention: query must have at least one token and one channel, got "
-              "shape ", query.sizes());
-  check_features("query", query, query);
-  check_features("key", key, query);
-  check_features("value", value, query);
+  if (backend == Backend::kCPU)
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble, op,
+                ": query must be float32 or float64, got ", st);
+  TORCH_CHECK(query.size(2) >= 1 && query.size(3) >= 1, op,
+              ": query must have at least one token and one channel, got shape ", query.sizes());
+  check_features(op, "query", query, query);
+  check_features(op, "key", key, query);
+  check_features(op, "value", value, query);
   MMBOAT_CHECK_DEFINED(perm);
-  TORCH_CHECK(perm.scalar_type() == at::kLong, "clustered_attention: perm must be int64, got ",
+  TORCH_CHECK(perm.scalar_type() == at::kLong, op, ": perm must be int64, got ",
               perm.scalar_type());
-  TORCH_CHECK(perm.dim() == 3 && perm.sizes() == query.sizes().slice(0, 3),
-              "clustered_attention: perm must have shape [B, heads, N] = ",
-              query.sizes().slice(0, 3), ", got ", perm.sizes());
-  TORCH_CHECK(perm.device() == query.device(),
-              "clustered_attention: query and perm must be on the same device, got ",
-              query.device(), " and ", perm.device());
-  TORCH_CHECK(perm.is_contiguous(), "clustered_attention: perm must be contiguous");
-  TORCH_CHECK(cluster_size >= 1, "clustered_attention: cluster_size must be >= 1, got ",
-              cluster_size);
-  TORCH_CHECK(overlap >= 0 && overlap < cluster_size,
-              "clustered_attention: overlap must satisfy 0 <= overlap < cluster_size, got "
-              "overlap=", overlap, " and cluster_size=", cluster_size);
+  TORCH_CHECK(perm.dim() == 3 && perm.sizes() == query.sizes().slice(0, 3), op,
+              ": perm must have shape [B, heads, N] = ", query.sizes().slice(0, 3), ", got ",
+              perm.sizes());
+  TORCH_CHECK(perm.device() == query.device(), op,
+              ": query and perm must be on the same device, got ", query.device(), " and ",
+              perm.device());
+  TORCH_CHECK(perm.is_contiguous(), op, ": perm must be contiguous");
+  TORCH_CHECK(cluster_size >= 1, op, ": cluster_size must be >= 1, got ", cluster_size);
+  TORCH_CHECK(overlap >= 0 && overlap < cluster_size, op,
+              ": overlap must satisfy 0 <= overlap < cluster_size, got overlap=", overlap,
+              " and cluster_size=", cluster_size);
 }
 
-void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& query,
-                                     const at::Tensor& key, const at::Tensor& value,
-                                     const at::Tensor& perm, const at::Tensor& out,
-                                     const at::Tensor& logsumexp, int64_t cluster_size,
-                                     int64_t overlap) {
-  check_attention_inputs(query, key, value, perm, cluster_size, overlap);
-  check_features("grad_out", grad_out, query);
-  check_features("out", out, query);
+void check_attention_backward_inputs(const char* op, Backend backend, const at::Tensor& grad_out,
+                                     const at::Tensor& query, const at::Tensor& key,
+                                     const at::Tensor& value, const at::Tensor& perm,
+                                     const at::Tensor& out, const at::Tensor& logsumexp,
+                                     int64_t cluster_size, int64_t overlap) {
+  check_attention_inputs(op, backend, query, key, value, perm, cluster_size, overlap);
+  check_features(op, "grad_out", grad_out, query);
+  check_features(op, "out", out, query);
   TORCH_CHECK(logsumexp.defined() && logsumexp.sizes() == query.sizes().slice(0, 3) &&
                   logsumexp.scalar_type() == query.scalar_type() &&
                   logsumexp.device() == query.device() && logsumexp.is_contiguous(),
-              "clustered_attention_backward: logsumexp must be a contiguous [B, heads, N] "
-              "tensor with query's dtype and device, got shape ", logsumexp.sizes());
+              op, ": logsumexp must be a contiguous [B, heads, N] tensor with query's dtype and "
+              "device, got shape ", logsumexp.sizes());
 }
 
 }  // namespace fsla

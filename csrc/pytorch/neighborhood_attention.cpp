@@ -9,7 +9,9 @@
 //   tests tie it to the spec and to the pure-PyTorch reference.
 // * Besides na2d_qk/na2d_av the kernels accept any 1-3 spatial dims internally; only the 2-D
 //   unfused ops are exposed.
-// Kernels: cpu/neighborhood_attention_cpu.cpp (CPU), cuda/ (CUDA). Fake kernels and autograd
+// Kernels: the torch-free ones of csrc/common/cpu/ and csrc/common/cuda/, launched and registered
+// by cpu/neighborhood_attention_cpu.cpp and cuda/neighborhood_attention_cuda.cu (checks and
+// registration shared: neighborhood_attention_checks.h). Fake kernels and autograd
 // are registered in Python (mmboat/ops/neighborhood_attention.py); that registration is what
 // torch.compile traces. Eager calls take `na_fused` below instead (bound in module.cpp): the
 // same forward and backward ops wrapped in a C++ autograd Function, so a forward + backward

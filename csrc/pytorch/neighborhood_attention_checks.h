@@ -1,32 +1,19 @@
-// Argument checks of the neighborhood-attention ops, shared by the CPU and CUDA kernels.
-// Each failure names the argument and the problem (tests match these messages).
+// The device-independent half of the neighborhood-attention launchers, shared by the CPU
+// (cpu/neighborhood_attention_cpu.cpp) and CUDA (cuda/neighborhood_attention_cuda.cu) ones: the
+// argument checks (each failure names the argument and the problem; tests match these
+// messages), the output shapes, and the registration of a backend's kernels.
 #pragma once
 #include <torch/extension.h>
 
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "checks.h"
-#include "neighborhood_attention.h"  // csrc/common: the window rule (torch-free)
+#include "neighborhood_attention.h"  // csrc/common: the window rule and Shape3d (torch-free)
 
 namespace mmboat {
 namespace na {
-
-// A problem seen as 3-D: a 1-D input [B, h, L, D] is [B, h, 1, 1, L, D], a 2-D input
-// [B, h, H, W, D] is [B, h, 1, H, W, D]; unused leading axes have k = d = 1, not causal.
-struct Shape3d {
-  int64_t batch = 0, heads = 0, dim = 0;
-  int64_t size[3] = {1, 1, 1};
-  int kernel[3] = {1, 1, 1};
-  int dilation[3] = {1, 1, 1};
-  bool causal[3] = {false, false, false};
-  bool has_rpb = false;
-
-  int64_t tokens() const { return size[0] * size[1] * size[2]; }
-  int64_t slots() const { return int64_t(kernel[0]) * kernel[1] * kernel[2]; }
-  // rpb table extents per axis (1 on the unused leading axes).
-  int64_t bias_extent(int axis) const { return 2 * kernel[axis] - 1; }
-  int64_t bias_size() const { return bias_extent(0) * bias_extent(1) * bias_extent(2); }
-};
 
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
   const auto st = t.scalar_type();
@@ -159,6 +146,101 @@ inline void check_attn(const char* op, const at::Tensor& attn, const at::Tensor&
   TORCH_CHECK(attn.device() == value.device(), op, ": attn is on ", attn.device(),
               ", value on ", value.device());
   TORCH_CHECK(attn.is_contiguous(), op, ": attn must be contiguous");
+}
+
+// The checks of the unfused 2-D ops; each returns the problem as 3-D.
+inline Shape3d check_qk(const at::Tensor& query, const at::Tensor& key,
+                        const c10::optional<at::Tensor>& rpb, at::IntArrayRef kernel_size,
+                        at::IntArrayRef dilation, const c10::List<bool>& is_causal) {
+  const char* op = "na2d_qk";
+  const bool has_rpb = rpb.has_value() && rpb->defined();
+  const Shape3d s = check_config(query, op, "query", 2, kernel_size, dilation, is_causal,
+                                 has_rpb);
+  check_like(query, key, op, "query", "key");
+  if (has_rpb) check_rpb(*rpb, query, s, 2, op);
+  return s;
+}
+
+inline Shape3d check_qk_backward(const at::Tensor& grad_attn, const at::Tensor& query,
+                                 const at::Tensor& key, bool has_rpb,
+                                 at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                                 const c10::List<bool>& is_causal) {
+  const char* op = "na2d_qk_backward";
+  const Shape3d s = check_config(query, op, "query", 2, kernel_size, dilation, is_causal,
+                                 has_rpb);
+  check_like(query, key, op, "query", "key");
+  check_attn(op, grad_attn, query, s);
+  return s;
+}
+
+inline Shape3d check_av(const char* op, const at::Tensor& attn, const at::Tensor& value,
+                        at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                        const c10::List<bool>& is_causal) {
+  const Shape3d s = check_config(value, op, "value", 2, kernel_size, dilation, is_causal,
+                                 false);
+  check_attn(op, attn, value, s);
+  return s;
+}
+
+inline Shape3d check_av_backward(const at::Tensor& grad_out, const at::Tensor& attn,
+                                 const at::Tensor& value, at::IntArrayRef kernel_size,
+                                 at::IntArrayRef dilation, const c10::List<bool>& is_causal) {
+  const char* op = "na2d_av_backward";
+  const Shape3d s = check_av(op, attn, value, kernel_size, dilation, is_causal);
+  check_like(value, grad_out, op, "value", "grad_out");
+  return s;
+}
+
+// Shape of the attention map of `like` ([B, heads, *spatial, D]): [B, heads, *spatial, slots].
+inline std::vector<int64_t> attn_shape(const at::Tensor& like, const Shape3d& s) {
+  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end() - 1);
+  shape.push_back(s.slots());
+  return shape;
+}
+
+inline const char* fused_name(int nd, bool backward) {
+  static const char* names[2][3] = {{"na1d_forward", "na2d_forward", "na3d_forward"},
+                                    {"na1d_backward", "na2d_backward", "na3d_backward"}};
+  return names[backward ? 1 : 0][nd - 1];
+}
+
+// ------------------------------------------------------------------------------------------
+// Registration: one backend's launchers, Forward(nd, ...) and Backward(nd, ...) for the fused
+// ops (nd = 1, 2, 3) and the four unfused ones with their schema signatures, become its
+// kernels of the ten ops (the body of the backend's TORCH_LIBRARY_IMPL).
+// ------------------------------------------------------------------------------------------
+template <auto Forward, int ND>
+std::tuple<at::Tensor, at::Tensor> forward_nd(const at::Tensor& query, const at::Tensor& key,
+                                              const at::Tensor& value,
+                                              const c10::optional<at::Tensor>& rpb,
+                                              at::IntArrayRef kernel_size,
+                                              at::IntArrayRef dilation,
+                                              const c10::List<bool>& is_causal, double scale) {
+  return Forward(ND, query, key, value, rpb, kernel_size, dilation, is_causal, scale);
+}
+
+template <auto Backward, int ND>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> backward_nd(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const c10::optional<at::Tensor>& rpb, const at::Tensor& out,
+    const at::Tensor& logsumexp, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+    const c10::List<bool>& is_causal, double scale) {
+  return Backward(ND, grad_out, query, key, value, rpb, out, logsumexp, kernel_size, dilation,
+                  is_causal, scale);
+}
+
+template <auto Forward, auto Backward, auto Qk, auto QkBackward, auto Av, auto AvBackward>
+void register_kernels(torch::Library& m) {
+  m.impl("na1d_forward", &forward_nd<Forward, 1>);
+  m.impl("na2d_forward", &forward_nd<Forward, 2>);
+  m.impl("na3d_forward", &forward_nd<Forward, 3>);
+  m.impl("na1d_backward", &backward_nd<Backward, 1>);
+  m.impl("na2d_backward", &backward_nd<Backward, 2>);
+  m.impl("na3d_backward", &backward_nd<Backward, 3>);
+  m.impl("na2d_qk", Qk);
+  m.impl("na2d_qk_backward", QkBackward);
+  m.impl("na2d_av", Av);
+  m.impl("na2d_av_backward", AvBackward);
 }
 
 }  // namespace na

@@ -26,38 +26,13 @@
 //   and double).
 #pragma once
 
-#ifndef MMBOAT_CUDA_EMULATION
-#include <cuda_runtime.h>
-#endif
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cmath>
-
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
 #include "balanced_clustering.h"
-
-// Host emulation hooks (tests/test_ops/cuda_driver/cuda_emulation.h runs these kernels on
-// machines without a GPU; see fsla_emulation_driver.cpp).
-#ifdef MMBOAT_CUDA_EMULATION
-#define MMBOAT_FSLA_SMEM(name) float* name = reinterpret_cast<float*>(::mmboat_emu::dynamic_smem())
-#define MMBOAT_FSLA_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::mmboat_emu::launch(kernel, dim3(grid), dim3(block), smem, __VA_ARGS__)
-#define MMBOAT_FSLA_SHFL_XOR(v, o) ::mmboat_emu::shfl_xor_sync(0xffffffffu, v, o)
-#define MMBOAT_FSLA_SYNCWARP() ((void)::mmboat_emu::shfl_xor_sync(0xffffffffu, 0.f, 1))
-#define MMBOAT_FSLA_LAUNCH_ERROR() static_cast<const char*>(nullptr)
-#else
-#define MMBOAT_FSLA_SMEM(name) extern __shared__ __align__(16) float name[]
-#define MMBOAT_FSLA_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
-#define MMBOAT_FSLA_SHFL_XOR(v, o) __shfl_xor_sync(0xffffffffu, v, o)
-#define MMBOAT_FSLA_SYNCWARP() __syncwarp()
-#define MMBOAT_FSLA_LAUNCH_ERROR() \
-  (cudaPeekAtLastError() != cudaSuccess ? cudaGetErrorString(cudaGetLastError()) : nullptr)
-#endif
+#include "cuda_helpers.cuh"
 
 namespace mmboat {
 namespace cuda {
@@ -68,61 +43,23 @@ constexpr int kClusterThreads = 256;
 constexpr int kAttnWarps = 4;
 constexpr int kAttnThreads = kAttnWarps * kWarp;
 
-// Accumulation type of the attention kernels: float, double for double.
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccType<T>::type;
-
-template <typename T>
-struct Elem;
-template <>
-struct Elem<double> {
-  static __device__ __forceinline__ double load(double x) { return x; }
-  static __device__ __forceinline__ double store(double x) { return x; }
-};
-template <>
-struct Elem<float> {
-  static __device__ __forceinline__ float load(float x) { return x; }
-  static __device__ __forceinline__ float store(float x) { return x; }
-};
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float x) {
-    return __float2bfloat16_rn(x);
-  }
-};
-
-__device__ __forceinline__ float exp_f(float x) { return expf(x); }
-__device__ __forceinline__ double exp_f(double x) { return exp(x); }
-__device__ __forceinline__ float log_f(float x) { return logf(x); }
-__device__ __forceinline__ double log_f(double x) { return log(x); }
-__device__ __forceinline__ float max_f(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_f(double a, double b) { return fmax(a, b); }
+// Element types (cuda_helpers.cuh; accumulation: float, double for double), also spelled
+// fsla::acc_t / fsla::to_f / fsla::from_f.
+using ::mmboat::acc_t;
+using ::mmboat::cuda::from_f;
+using ::mmboat::cuda::to_f;
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
 #pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += MMBOAT_FSLA_SHFL_XOR(v, o);
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += MMBOAT_SHFL_XOR(0xffffffffu, v, o);
   return v;
 }
 
 template <typename A>
 __device__ __forceinline__ A warp_max(A v) {
 #pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v = max_f(v, MMBOAT_FSLA_SHFL_XOR(v, o));
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = max_f(v, MMBOAT_SHFL_XOR(0xffffffffu, v, o));
   return v;
 }
 
@@ -196,7 +133,8 @@ __global__ void __launch_bounds__(kClusterThreads)
                      int64_t d, int level, int iters, float tau, float* __restrict__ weights,
                      SortKey* __restrict__ keys, int64_t* __restrict__ tokens,
                      int64_t* __restrict__ perm) {
-  MMBOAT_FSLA_SMEM(cent);
+  MMBOAT_DYNAMIC_SMEM(cent_raw);
+  float* cent = reinterpret_cast<float*>(cent_raw);
   __shared__ float red[kWarp];
   const int64_t groups = int64_t(1) << level;
   const int64_t row = int64_t(blockIdx.x) / groups, group = int64_t(blockIdx.x) % groups;
@@ -317,8 +255,8 @@ inline const char* launch_bhc_cluster(const float* x, int64_t rows, int64_t n, i
   float* weights = float_scratch + tokens * d;
   const int64_t blocks = (tokens + 255) / 256;
   if (blocks > 0x7fffffff) return "bhc_cluster: too many tokens for the CUDA kernel";
-  MMBOAT_FSLA_LAUNCH(bhc_prepare_kernel, unsigned(blocks), 256, 0, stream, x, tokens, n, d, feats_n, perm);
-  if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+  MMBOAT_LAUNCH(bhc_prepare_kernel, unsigned(blocks), 256, 0, stream, x, tokens, n, d, feats_n, perm);
+  if (const char* err = MMBOAT_LAUNCH_ERROR()) return err;
   const int levels = bhc::num_levels(n, cluster_size);
   const size_t smem = size_t(2 * d) * sizeof(float);
   if (smem > 48 * 1024) {
@@ -329,13 +267,13 @@ inline const char* launch_bhc_cluster(const float* x, int64_t rows, int64_t n, i
   for (int level = 0; level < levels; ++level) {
     const int64_t grid = rows << level;
     if (grid > 0x7fffffff) return "bhc_cluster: batch * heads * groups too large";
-    MMBOAT_FSLA_LAUNCH(bhc_level_kernel, unsigned(grid), kClusterThreads, smem, stream, 
+    MMBOAT_LAUNCH(bhc_level_kernel, unsigned(grid), kClusterThreads, smem, stream, 
         x, feats_n, n, d, level, iters, tau, weights, static_cast<SortKey*>(key_scratch),
         token_scratch, perm);
-    if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+    if (const char* err = MMBOAT_LAUNCH_ERROR()) return err;
   }
-  MMBOAT_FSLA_LAUNCH(bhc_inverse_kernel, unsigned(blocks), 256, 0, stream, perm, tokens, n, inv_perm);
-  if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+  MMBOAT_LAUNCH(bhc_inverse_kernel, unsigned(blocks), 256, 0, stream, perm, tokens, n, inv_perm);
+  if (const char* err = MMBOAT_LAUNCH_ERROR()) return err;
   return nullptr;
 }
 
@@ -401,8 +339,8 @@ __device__ __forceinline__ int64_t load_leaf_kv(const bhc::LeafKeys& lk,
     const int64_t j = idx / d, c = idx % d;
     const int64_t pos = j < lk.own.size ? lk.own.offset + j : lk.extra.offset + (j - lk.own.size);
     const int64_t tok = perm_row[pos];
-    ks[j * ld + c] = Elem<T>::load(k[tok * d + c]);
-    vs[j * ld + c] = Elem<T>::load(v[tok * d + c]);
+    ks[j * ld + c] = to_f(k[tok * d + c]);
+    vs[j * ld + c] = to_f(v[tok * d + c]);
   }
   return count;
 }
@@ -434,8 +372,70 @@ __device__ __forceinline__ MaxSum<A> warp_softmax(const A* qs, const A* ks, int6
     sum += e;
   }
   sum = warp_sum(sum);
-  MMBOAT_FSLA_SYNCWARP();
+  MMBOAT_SYNCWARP();
   return MaxSum<A>{mx, sum};
+}
+
+// What one block of the attention kernels works on (blocks run over (row, leaf)): the leaf's
+// keys, the row's first token, the thread's warp and lane, and the block's shared memory, cut
+// as attn_smem_bytes says, with the leaf's `count` keys and values loaded.
+template <typename A>
+struct LeafBlock {
+  bhc::LeafKeys lk;
+  int64_t base;  // row * n
+  const int64_t* perm_row;
+  int64_t count;
+  int warp, lane;
+  A *ks, *vs, *dks, *dvs;  // [K, ld] each (dks, dvs: backward, zero-filled)
+  A *qs, *gos, *ps, *dss;  // this warp's q [d], go [d] (backward), p [K], ds [K] (backward)
+};
+
+// Sets the block up; a leaf without tokens of its own (b.lk.own.size == 0, block-uniform)
+// loads nothing and the kernel returns. Ends with a block barrier otherwise.
+template <typename T>
+__device__ __forceinline__ LeafBlock<acc_t<T>> load_leaf_block(const AttnProblem& p,
+                                                               const int64_t* __restrict__ perm,
+                                                               const T* __restrict__ k,
+                                                               const T* __restrict__ v,
+                                                               unsigned char* smem,
+                                                               bool backward) {
+  using A = acc_t<T>;
+  LeafBlock<A> b{};
+  const int64_t leaves = int64_t(1) << p.levels;
+  const int64_t row = int64_t(blockIdx.x) / leaves, leaf = int64_t(blockIdx.x) % leaves;
+  b.lk = bhc::leaf_keys(p.n, p.levels, leaf, p.overlap);
+  if (b.lk.own.size == 0) return b;
+  b.base = row * p.n;
+  b.perm_row = perm + b.base;
+  b.warp = threadIdx.x / kWarp;
+  b.lane = threadIdx.x % kWarp;
+  const int64_t d = p.d, ld = d + 1, K = p.max_keys;
+  A* at = reinterpret_cast<A*>(smem);
+  const auto take = [&at](int64_t count) {
+    A* first = at;
+    at += count;
+    return first;
+  };
+  b.ks = take(K * ld);
+  b.vs = take(K * ld);
+  if (backward) {
+    b.dks = take(K * ld);
+    b.dvs = take(K * ld);
+  }
+  take(b.warp * (backward ? 2 * d + 2 * K : d + K));  // the warps before
+  b.qs = take(d);
+  if (backward) b.gos = take(d);
+  b.ps = take(K);
+  if (backward) b.dss = take(K);
+  b.count = load_leaf_kv(b.lk, b.perm_row, k + b.base * d, v + b.base * d, d, ld, b.ks, b.vs);
+  if (backward) {
+    for (int64_t idx = threadIdx.x; idx < b.count * ld; idx += blockDim.x) {
+      b.dks[idx] = 0;
+      b.dvs[idx] = 0;
+    }
+  }
+  __syncthreads();
+  return b;
 }
 
 template <typename T>
@@ -444,37 +444,25 @@ __global__ void __launch_bounds__(kAttnThreads)
                         const T* __restrict__ v, const int64_t* __restrict__ perm,
                         T* __restrict__ out, T* __restrict__ lse) {
   using A = acc_t<T>;
-  MMBOAT_FSLA_SMEM(smem_raw);
-  A* smem = reinterpret_cast<A*>(smem_raw);
-  const int64_t leaves = int64_t(1) << p.levels;
-  const int64_t row = int64_t(blockIdx.x) / leaves, leaf = int64_t(blockIdx.x) % leaves;
-  const bhc::LeafKeys lk = bhc::leaf_keys(p.n, p.levels, leaf, p.overlap);
-  if (lk.own.size == 0) return;  // block-uniform
-  const int64_t d = p.d, ld = d + 1, K = p.max_keys;
-  const int64_t base = row * p.n;
-  const int64_t* perm_row = perm + base;
-  A* ks = smem;
-  A* vs = ks + K * ld;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  A* qs = vs + K * ld + warp * (d + K);
-  A* ps = qs + d;
-  const int64_t count = load_leaf_kv(lk, perm_row, k + base * d, v + base * d, d, ld, ks, vs);
-  __syncthreads();
-  for (int64_t t = warp; t < lk.own.size; t += kAttnWarps) {
-    const int64_t tok = perm_row[lk.own.offset + t];
-    const T* qt = q + (base + tok) * d;
-    for (int64_t c = lane; c < d; c += kWarp) qs[c] = Elem<T>::load(qt[c]);
-    MMBOAT_FSLA_SYNCWARP();
-    const MaxSum<A> ms = warp_softmax(qs, ks, count, d, ld, scale_of<A>(p), ps);
+  MMBOAT_DYNAMIC_SMEM(smem);
+  const LeafBlock<A> b = load_leaf_block(p, perm, k, v, smem, false);
+  if (b.lk.own.size == 0) return;  // block-uniform
+  const int64_t d = p.d, ld = d + 1;
+  for (int64_t t = b.warp; t < b.lk.own.size; t += kAttnWarps) {
+    const int64_t tok = b.perm_row[b.lk.own.offset + t];
+    const T* qt = q + (b.base + tok) * d;
+    for (int64_t c = b.lane; c < d; c += kWarp) b.qs[c] = to_f(qt[c]);
+    MMBOAT_SYNCWARP();
+    const MaxSum<A> ms = warp_softmax(b.qs, b.ks, b.count, d, ld, scale_of<A>(p), b.ps);
     const A inv = A(1) / ms.sum;
-    T* ot = out + (base + tok) * d;
-    for (int64_t c = lane; c < d; c += kWarp) {
+    T* ot = out + (b.base + tok) * d;
+    for (int64_t c = b.lane; c < d; c += kWarp) {
       A acc = 0;
-      for (int64_t j = 0; j < count; ++j) acc += ps[j] * vs[j * ld + c];
-      ot[c] = Elem<T>::store(acc * inv);
+      for (int64_t j = 0; j < b.count; ++j) acc += b.ps[j] * b.vs[j * ld + c];
+      ot[c] = from_f<T>(acc * inv);
     }
-    if (lane == 0) lse[base + tok] = Elem<T>::store(ms.max + log_f(ms.sum));
-    MMBOAT_FSLA_SYNCWARP();  // qs/ps are reused by the next query
+    if (b.lane == 0) lse[b.base + tok] = from_f<T>(ms.max + log_f(ms.sum));
+    MMBOAT_SYNCWARP();  // qs/ps are reused by the next query
   }
 }
 
@@ -486,73 +474,54 @@ __global__ void __launch_bounds__(kAttnThreads)
                          T* __restrict__ grad_q, acc_t<T>* __restrict__ gk_acc,
                          acc_t<T>* __restrict__ gv_acc) {
   using A = acc_t<T>;
-  MMBOAT_FSLA_SMEM(smem_raw);
-  A* smem = reinterpret_cast<A*>(smem_raw);
-  const int64_t leaves = int64_t(1) << p.levels;
-  const int64_t row = int64_t(blockIdx.x) / leaves, leaf = int64_t(blockIdx.x) % leaves;
-  const bhc::LeafKeys lk = bhc::leaf_keys(p.n, p.levels, leaf, p.overlap);
-  if (lk.own.size == 0) return;  // block-uniform
-  const int64_t d = p.d, ld = d + 1, K = p.max_keys;
-  const int64_t base = row * p.n;
-  const int64_t* perm_row = perm + base;
-  A* ks = smem;
-  A* vs = ks + K * ld;
-  A* dks = vs + K * ld;
-  A* dvs = dks + K * ld;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  A* qs = dvs + K * ld + warp * (2 * d + 2 * K);
-  A* gos = qs + d;
-  A* ps = gos + d;
-  A* dss = ps + K;
+  MMBOAT_DYNAMIC_SMEM(smem);
+  const LeafBlock<A> b = load_leaf_block(p, perm, k, v, smem, true);
+  if (b.lk.own.size == 0) return;  // block-uniform
+  const int64_t d = p.d, ld = d + 1;
   const A scale = scale_of<A>(p);
-  const int64_t count = load_leaf_kv(lk, perm_row, k + base * d, v + base * d, d, ld, ks, vs);
-  for (int64_t idx = threadIdx.x; idx < count * ld; idx += blockDim.x) {
-    dks[idx] = 0;
-    dvs[idx] = 0;
-  }
-  __syncthreads();
-  for (int64_t t = warp; t < lk.own.size; t += kAttnWarps) {
-    const int64_t tok = perm_row[lk.own.offset + t];
-    const int64_t at = (base + tok) * d;
+  for (int64_t t = b.warp; t < b.lk.own.size; t += kAttnWarps) {
+    const int64_t tok = b.perm_row[b.lk.own.offset + t];
+    const int64_t at = (b.base + tok) * d;
     A delta = 0;
-    for (int64_t c = lane; c < d; c += kWarp) {
-      qs[c] = Elem<T>::load(q[at + c]);
-      const A g = Elem<T>::load(grad_out[at + c]);
-      gos[c] = g;
-      delta += g * Elem<T>::load(out[at + c]);
+    for (int64_t c = b.lane; c < d; c += kWarp) {
+      b.qs[c] = to_f(q[at + c]);
+      const A g = to_f(grad_out[at + c]);
+      b.gos[c] = g;
+      delta += g * to_f(out[at + c]);
     }
     delta = warp_sum(delta);
-    MMBOAT_FSLA_SYNCWARP();
-    const MaxSum<A> ms = warp_softmax(qs, ks, count, d, ld, scale, ps);
+    MMBOAT_SYNCWARP();
+    const MaxSum<A> ms = warp_softmax(b.qs, b.ks, b.count, d, ld, scale, b.ps);
     const A inv = A(1) / ms.sum;
-    for (int64_t j = lane; j < count; j += kWarp) {
+    for (int64_t j = b.lane; j < b.count; j += kWarp) {
       A dp = 0;
-      for (int64_t c = 0; c < d; ++c) dp += gos[c] * vs[j * ld + c];
-      const A pj = ps[j] * inv;
-      ps[j] = pj;
-      dss[j] = pj * (dp - delta) * scale;
+      for (int64_t c = 0; c < d; ++c) dp += b.gos[c] * b.vs[j * ld + c];
+      const A pj = b.ps[j] * inv;
+      b.ps[j] = pj;
+      b.dss[j] = pj * (dp - delta) * scale;
     }
-    MMBOAT_FSLA_SYNCWARP();
-    for (int64_t c = lane; c < d; c += kWarp) {
+    MMBOAT_SYNCWARP();
+    for (int64_t c = b.lane; c < d; c += kWarp) {
       A acc = 0;
-      const A qc = qs[c], gc = gos[c];
-      for (int64_t j = 0; j < count; ++j) {
-        const A ds = dss[j];
-        acc += ds * ks[j * ld + c];
-        atomicAdd(&dks[j * ld + c], ds * qc);
-        atomicAdd(&dvs[j * ld + c], ps[j] * gc);
+      const A qc = b.qs[c], gc = b.gos[c];
+      for (int64_t j = 0; j < b.count; ++j) {
+        const A ds = b.dss[j];
+        acc += ds * b.ks[j * ld + c];
+        atomicAdd(&b.dks[j * ld + c], ds * qc);
+        atomicAdd(&b.dvs[j * ld + c], b.ps[j] * gc);
       }
-      grad_q[at + c] = Elem<T>::store(acc);
+      grad_q[at + c] = from_f<T>(acc);
     }
-    MMBOAT_FSLA_SYNCWARP();
+    MMBOAT_SYNCWARP();
   }
   __syncthreads();
-  for (int64_t idx = threadIdx.x; idx < count * d; idx += blockDim.x) {
+  for (int64_t idx = threadIdx.x; idx < b.count * d; idx += blockDim.x) {
     const int64_t j = idx / d, c = idx % d;
-    const int64_t pos = j < lk.own.size ? lk.own.offset + j : lk.extra.offset + (j - lk.own.size);
-    const int64_t tok = perm_row[pos];
-    atomicAdd(&gk_acc[(base + tok) * d + c], dks[j * ld + c]);
-    atomicAdd(&gv_acc[(base + tok) * d + c], dvs[j * ld + c]);
+    const int64_t pos =
+        j < b.lk.own.size ? b.lk.own.offset + j : b.lk.extra.offset + (j - b.lk.own.size);
+    const int64_t tok = b.perm_row[pos];
+    atomicAdd(&gk_acc[(b.base + tok) * d + c], b.dks[j * ld + c]);
+    atomicAdd(&gv_acc[(b.base + tok) * d + c], b.dvs[j * ld + c]);
   }
 }
 
@@ -560,7 +529,7 @@ template <typename T>
 __global__ void fsla_convert_kernel(const acc_t<T>* __restrict__ src, int64_t count,
                                     T* __restrict__ dst) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < count) dst[i] = Elem<T>::store(src[i]);
+  if (i < count) dst[i] = from_f<T>(src[i]);
 }
 
 // Sets the dynamic shared-memory size of `kernel` when it needs more than the default 48 KiB.
@@ -587,9 +556,9 @@ const char* launch_attention_forward(const AttnProblem& p, const T* q, const T* 
   if (grid > 0x7fffffff) return "clustered_attention: batch * heads * leaves too large";
   const size_t smem = attn_smem_bytes(p, false, sizeof(acc_t<T>));
   if (const char* err = prepare_smem(fsla_forward_kernel<T>, smem, smem_limit)) return err;
-  MMBOAT_FSLA_LAUNCH(fsla_forward_kernel<T>, unsigned(grid), kAttnThreads, smem, stream, p, q, k, v, perm, out,
+  MMBOAT_LAUNCH(fsla_forward_kernel<T>, unsigned(grid), kAttnThreads, smem, stream, p, q, k, v, perm, out,
                                                                          lse);
-  if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+  if (const char* err = MMBOAT_LAUNCH_ERROR()) return err;
   return nullptr;
 }
 
@@ -606,18 +575,18 @@ const char* launch_attention_backward(const AttnProblem& p, const T* grad_out, c
   if (grid > 0x7fffffff) return "clustered_attention: batch * heads * leaves too large";
   const size_t smem = attn_smem_bytes(p, true, sizeof(acc_t<T>));
   if (const char* err = prepare_smem(fsla_backward_kernel<T>, smem, smem_limit)) return err;
-  MMBOAT_FSLA_LAUNCH(fsla_backward_kernel<T>, unsigned(grid), kAttnThreads, smem, stream, 
+  MMBOAT_LAUNCH(fsla_backward_kernel<T>, unsigned(grid), kAttnThreads, smem, stream, 
       p, grad_out, q, k, v, out, perm, grad_q, gk_acc, gv_acc);
-  if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+  if (const char* err = MMBOAT_LAUNCH_ERROR()) return err;
   const int64_t total = p.rows * p.n * p.d;
   const int64_t blocks = (total + 255) / 256;
   if (static_cast<void*>(gk_acc) != static_cast<void*>(grad_k)) {
-    MMBOAT_FSLA_LAUNCH(fsla_convert_kernel<T>, unsigned(blocks), 256, 0, stream, gk_acc, total, grad_k);
-    if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+    MMBOAT_LAUNCH(fsla_convert_kernel<T>, unsigned(blocks), 256, 0, stream, gk_acc, total, grad_k);
+    if (const char* err = MMBOAT_LAUNCH_ERROR()) return err;
   }
   if (static_cast<void*>(gv_acc) != static_cast<void*>(grad_v)) {
-    MMBOAT_FSLA_LAUNCH(fsla_convert_kernel<T>, unsigned(blocks), 256, 0, stream, gv_acc, total, grad_v);
-    if (const char* err = MMBOAT_FSLA_LAUNCH_ERROR()) return err;
+    MMBOAT_LAUNCH(fsla_convert_kernel<T>, unsigned(blocks), 256, 0, stream, gv_acc, total, grad_v);
+    if (const char* err = MMBOAT_LAUNCH_ERROR()) return err;
   }
   return nullptr;
 }

@@ -55,7 +55,8 @@
 // an acc_t rpb-gradient table (block-local shared-memory table when it fits, then one global
 // atomicAdd per entry and block). Kernel 2, one lane group per key: gathers the queries of its
 // inverse window and accumulates dK = scale * sum dS Q and dV = sum P dO.
-// The unfused ops follow the same per-query / per-key split.
+// The unfused ops follow the same per-query / per-key split, in three kernels templated on the
+// role they play (see "unfused qk / av" below).
 //
 // The window rule itself (start, count, inverse range) comes from csrc/common/
 // neighborhood_attention.h, shared with the CPU kernels.
@@ -73,25 +74,9 @@
 #include <cstring>
 #include <type_traits>
 
-#ifndef MMBOAT_CUDA_EMULATION
-#include <cuda_runtime.h>
-#endif
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "../neighborhood_attention.h"
+#include "cuda_helpers.cuh"
 
-#ifdef MMBOAT_CUDA_EMULATION
-#define MMBOAT_DYNAMIC_SMEM(name) unsigned char* name = ::mmboat_emu::dynamic_smem()
-#define MMBOAT_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::mmboat_emu::launch(kernel, grid, block, smem, __VA_ARGS__)
-#else
-#define MMBOAT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#define MMBOAT_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
-#endif
-
-#define MMBOAT_NA_HD __host__ __device__ __forceinline__
 
 namespace mmboat {
 namespace cuda {
@@ -105,70 +90,31 @@ constexpr int kMaxTileQueries = 64;  // queries per block of the fused forward
 constexpr int kMaxGridY = 65535;
 constexpr int kMaxSmemRpbEntries = 4096;  // block-local rpb-gradient table (16/32 KiB)
 
-// ------------------------------------------------------------------ dtype traits
-// Accumulation (and log-sum-exp / delta / rpb-gradient) type: float, double for double.
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccType<T>::type;
+// Element types (cuda_helpers.cuh), also spelled na::acc_t / na::to_f / na::from_f.
+using ::mmboat::acc_t;
+using ::mmboat::cuda::from_f;
+using ::mmboat::cuda::to_f;
 
-template <typename T>
-struct TypeTraits;
-template <>
-struct TypeTraits<double> {
-  static MMBOAT_NA_HD double to_float(double x) { return x; }
-  static MMBOAT_NA_HD double from_float(double x) { return x; }
-};
-template <>
-struct TypeTraits<float> {
-  static MMBOAT_NA_HD float to_float(float x) { return x; }
-  static MMBOAT_NA_HD float from_float(float x) { return x; }
-};
-template <>
-struct TypeTraits<__half> {
-  static MMBOAT_NA_HD float to_float(__half x) { return __half2float(x); }
-  static MMBOAT_NA_HD __half from_float(float x) { return __float2half_rn(x); }
-};
-template <>
-struct TypeTraits<__nv_bfloat16> {
-  static MMBOAT_NA_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static MMBOAT_NA_HD __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-};
-template <typename T>
-MMBOAT_NA_HD acc_t<T> to_f(T x) {
-  return TypeTraits<T>::to_float(x);
-}
-template <typename T>
-MMBOAT_NA_HD T from_f(acc_t<T> x) {
-  return TypeTraits<T>::from_float(x);
-}
-
-MMBOAT_NA_HD int imin(int a, int b) { return a < b ? a : b; }
-MMBOAT_NA_HD int imax(int a, int b) { return a > b ? a : b; }
+MMBOAT_CUDA_HD int imin(int a, int b) { return a < b ? a : b; }
+MMBOAT_CUDA_HD int imax(int a, int b) { return a > b ? a : b; }
 
 // ------------------------------------------------------------------ window rule (one axis)
 // Thin inner-coordinate wrappers over the single source of truth, csrc/common/
 // neighborhood_attention.h (host+device under nvcc). In inner (dilation-group) coordinates a
 // group of length lg is an axis of length lg with dilation 1, which is how they call it.
-MMBOAT_NA_HD int group_length(int length, int dilation, int group) {
+MMBOAT_CUDA_HD int group_length(int length, int dilation, int group) {
   return ::mmboat::na::group_length(length, dilation, group);
 }
 // First key (inner index) of the window of query inner index `qi` in a group of length `lg`.
-MMBOAT_NA_HD int window_start(int qi, int lg, int k, bool causal) {
+MMBOAT_CUDA_HD int window_start(int qi, int lg, int k, bool causal) {
   return ::mmboat::na::window_start_inner(qi, lg, k, causal);
 }
 // Number of valid keys of that window (k unless causal).
-MMBOAT_NA_HD int window_count(int qi, int start, int k, bool causal) {
+MMBOAT_CUDA_HD int window_count(int qi, int start, int k, bool causal) {
   return causal ? qi - start + 1 : k;
 }
 // Queries (inner indices, inclusive range) whose window contains key inner index `kj`.
-MMBOAT_NA_HD void inverse_window(int kj, int lg, int k, bool causal, int* lo, int* hi) {
+MMBOAT_CUDA_HD void inverse_window(int kj, int lg, int k, bool causal, int* lo, int* hi) {
   const ::mmboat::na::AxisRange r = ::mmboat::na::axis_inverse_range(kj, lg, k, 1, causal);
   *lo = r.first;
   *hi = r.last;
@@ -188,24 +134,24 @@ struct Problem {
   // the code of the float/half/bfloat16 kernels (it costs them a stack frame).
   unsigned scale64_bits[2] = {0u, 0x3ff00000u};  // 1.0
 
-  MMBOAT_NA_HD void set_scale(double s) {
+  MMBOAT_CUDA_HD void set_scale(double s) {
     scale = static_cast<float>(s);
     memcpy(scale64_bits, &s, sizeof(double));
   }
-  MMBOAT_NA_HD double scale64() const {
+  MMBOAT_CUDA_HD double scale64() const {
     double s;
     memcpy(&s, scale64_bits, sizeof(double));
     return s;
   }
 
-  MMBOAT_NA_HD int64_t tokens() const {
+  MMBOAT_CUDA_HD int64_t tokens() const {
     return static_cast<int64_t>(length[0]) * length[1] * length[2];
   }
-  MMBOAT_NA_HD int window_size() const { return kernel[0] * kernel[1] * kernel[2]; }
-  MMBOAT_NA_HD int rpb_size() const {
+  MMBOAT_CUDA_HD int window_size() const { return kernel[0] * kernel[1] * kernel[2]; }
+  MMBOAT_CUDA_HD int rpb_size() const {
     return (2 * kernel[0] - 1) * (2 * kernel[1] - 1) * (2 * kernel[2] - 1);
   }
-  MMBOAT_NA_HD int bh() const { return batch * heads; }
+  MMBOAT_CUDA_HD int bh() const { return batch * heads; }
 };
 
 // Fills `p` for an n-axis problem (n = 1..3) given per-axis arrays; axes are right-aligned.
@@ -230,7 +176,7 @@ inline Problem make_problem(int n, int batch, int heads, int head_dim, const int
 
 // The scale in the accumulation type A (float: p.scale; double: p.scale64()).
 template <typename A>
-MMBOAT_NA_HD A scale_of(const Problem& p) {
+MMBOAT_CUDA_HD A scale_of(const Problem& p) {
   if constexpr (std::is_same<A, double>::value) {
     return p.scale64();
   } else {
@@ -238,12 +184,13 @@ MMBOAT_NA_HD A scale_of(const Problem& p) {
   }
 }
 
-// Per-axis position of one token.
-struct AxisPos {
-  int group, inner, group_len;
+// Position of one token per axis: its dilation group, its inner coordinate in the group and the
+// group's length.
+struct ItemAxes {
+  int group[kMaxAxes], inner[kMaxAxes], group_len[kMaxAxes];
 };
 
-MMBOAT_NA_HD void decode_token(const Problem& p, int64_t n, AxisPos pos[kMaxAxes]) {
+MMBOAT_CUDA_HD void decode_token(const Problem& p, int64_t n, ItemAxes& pos) {
   const int x2 = static_cast<int>(n % p.length[2]);
   n /= p.length[2];
   const int x1 = static_cast<int>(n % p.length[1]);
@@ -251,14 +198,14 @@ MMBOAT_NA_HD void decode_token(const Problem& p, int64_t n, AxisPos pos[kMaxAxes
   const int x[kMaxAxes] = {x0, x1, x2};
 #pragma unroll
   for (int a = 0; a < kMaxAxes; ++a) {
-    pos[a].group = x[a] % p.dilation[a];
-    pos[a].inner = x[a] / p.dilation[a];
-    pos[a].group_len = group_length(p.length[a], p.dilation[a], pos[a].group);
+    pos.group[a] = x[a] % p.dilation[a];
+    pos.inner[a] = x[a] / p.dilation[a];
+    pos.group_len[a] = group_length(p.length[a], p.dilation[a], pos.group[a]);
   }
 }
 
 // Flat token index of inner coordinates `inner` in groups `group`.
-MMBOAT_NA_HD int64_t token_index(const Problem& p, const int inner[kMaxAxes],
+MMBOAT_CUDA_HD int64_t token_index(const Problem& p, const int inner[kMaxAxes],
                               const int group[kMaxAxes]) {
   const int64_t x0 = static_cast<int64_t>(inner[0]) * p.dilation[0] + group[0];
   const int64_t x1 = static_cast<int64_t>(inner[1]) * p.dilation[1] + group[1];
@@ -267,37 +214,30 @@ MMBOAT_NA_HD int64_t token_index(const Problem& p, const int inner[kMaxAxes],
 }
 
 // Flat rpb-table index (within one head) of key inner `kj` seen from query inner `qi`.
-MMBOAT_NA_HD int rpb_index(const Problem& p, const int kj[kMaxAxes], const int qi[kMaxAxes]) {
+MMBOAT_CUDA_HD int rpb_index(const Problem& p, const int kj[kMaxAxes], const int qi[kMaxAxes]) {
   const int b0 = kj[0] - qi[0] + p.kernel[0] - 1;
   const int b1 = kj[1] - qi[1] + p.kernel[1] - 1;
   const int b2 = kj[2] - qi[2] + p.kernel[2] - 1;
   return (b0 * (2 * p.kernel[1] - 1) + b1) * (2 * p.kernel[2] - 1) + b2;
 }
 
-// Window of one query, all axes.
+// Window of one query (at `pos`), all axes: first key and key count (inner coordinates, in the
+// query's groups).
 struct QueryWindow {
-  int group[kMaxAxes], inner[kMaxAxes], start[kMaxAxes], count[kMaxAxes];
+  int start[kMaxAxes], count[kMaxAxes];
 };
 
-MMBOAT_NA_HD QueryWindow query_window(const Problem& p, const AxisPos pos[kMaxAxes]) {
+MMBOAT_CUDA_HD QueryWindow query_window(const Problem& p, const ItemAxes& pos) {
   QueryWindow w;
 #pragma unroll
   for (int a = 0; a < kMaxAxes; ++a) {
-    w.group[a] = pos[a].group;
-    w.inner[a] = pos[a].inner;
-    w.start[a] = window_start(pos[a].inner, pos[a].group_len, p.kernel[a], p.causal[a] != 0);
-    w.count[a] = window_count(pos[a].inner, w.start[a], p.kernel[a], p.causal[a] != 0);
+    w.start[a] = window_start(pos.inner[a], pos.group_len[a], p.kernel[a], p.causal[a] != 0);
+    w.count[a] = window_count(pos.inner[a], w.start[a], p.kernel[a], p.causal[a] != 0);
   }
   return w;
 }
 
 // ------------------------------------------------------------------ device helpers
-#ifdef MMBOAT_CUDA_EMULATION
-#define MMBOAT_SHFL_XOR(mask, v, o) ::mmboat_emu::shfl_xor_sync(mask, v, o)
-#else
-#define MMBOAT_SHFL_XOR(mask, v, o) __shfl_xor_sync(mask, v, o)
-#endif
-
 // Sum over the kLanes threads of one query/key group (groups never straddle a warp: blocks are
 // multiples of 32 threads). Only the group's lanes take part, so groups may diverge.
 template <typename A>
@@ -317,13 +257,6 @@ __device__ __forceinline__ acc_t<T> group_dot(const T* __restrict__ a, const T* 
   for (int i = lane; i < dim; i += kLanes) s += to_f(a[i]) * to_f(b[i]);
   return group_sum(s);
 }
-
-__device__ __forceinline__ float exp_f(float x) { return expf(x); }
-__device__ __forceinline__ double exp_f(double x) { return exp(x); }
-__device__ __forceinline__ float log_f(float x) { return logf(x); }
-__device__ __forceinline__ double log_f(double x) { return log(x); }
-__device__ __forceinline__ float max_f(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_f(double a, double b) { return fmax(a, b); }
 
 // ============================================================================================
 // Fused forward
@@ -576,6 +509,56 @@ __global__ void __launch_bounds__(kLanes * kMaxTileQueries)
 // Grid: x over tokens (kItemsPerBlock per block), y over batch*head (grid-stride).
 // ============================================================================================
 
+// The item (query or key token n, the same in every batch*head) this lane group works on, the
+// thread's lane in the group, and the item's per-axis position (set when valid: n < tokens).
+struct SimpleItem {
+  int64_t n;
+  int lane;
+  bool valid;
+  ItemAxes pos;
+};
+
+__device__ __forceinline__ SimpleItem simple_item(const Problem& p) {
+  SimpleItem it;
+  it.lane = threadIdx.x % kLanes;
+  it.n = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x / kLanes;
+  it.valid = it.n < p.tokens();
+  if (it.valid) decode_token(p, it.n, it.pos);
+  return it;
+}
+
+// One lane's share of the head_dim slice [base, base + kLanes * DPL) of a row: the columns
+// base + lane + kLanes * j for j < DPL (those below dim).
+template <typename A, int DPL>
+struct LaneSlice {
+  A v[DPL];
+  int base, lane, dim;
+
+  __device__ __forceinline__ LaneSlice(int base_, int lane_, int dim_)
+      : base(base_), lane(lane_), dim(dim_) {
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) v[j] = 0;
+  }
+  // v += g * row (the slice's columns of it).
+  template <typename T>
+  __device__ __forceinline__ void add(A g, const T* __restrict__ row) {
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) {
+      const int c = base + lane + kLanes * j;
+      if (c < dim) v[j] += g * to_f(row[c]);
+    }
+  }
+  // row = v * scale (the slice's columns of it).
+  template <typename T>
+  __device__ __forceinline__ void store(T* __restrict__ row, A scale = A(1)) const {
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) {
+      const int c = base + lane + kLanes * j;
+      if (c < dim) row[c] = from_f<T>(v[j] * scale);
+    }
+  }
+};
+
 // Block-local rpb-gradient table (acc_t: float32, double for double): zeroed, filled with shared
 // atomics, flushed with one global atomic per non-zero entry. Falls back to global atomics when
 // the table is too large.
@@ -588,16 +571,73 @@ struct RpbGradAccumulator {
   }
 };
 
-template <typename A>
-__device__ __forceinline__ void rpb_table_zero(A* table, int size) {
-  for (int i = threadIdx.x; i < size; i += blockDim.x) table[i] = 0;
-}
-template <typename A>
-__device__ __forceinline__ void rpb_table_flush(const A* table, A* global_head, int size) {
-  for (int i = threadIdx.x; i < size; i += blockDim.x) {
-    const A v = table[i];
-    if (v != 0) atomicAdd(global_head + i, v);
+// Runs body(bh, acc_rpb) for each batch*head of this block (grid-stride over y). When
+// grad_rpb is given, acc_rpb adds to head bh's table: the block-local one in `smem` (zeroed
+// before, flushed after: block-wide barriers, so every thread of the block must call this) when
+// rpb_in_smem, else the global one.
+template <typename A, typename F>
+__device__ __forceinline__ void for_each_bh_rpb_grad(const Problem& p, A* grad_rpb,
+                                                     int rpb_in_smem, unsigned char* smem,
+                                                     F&& body) {
+  const int rsize = p.rpb_size();
+  for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
+    const int head = static_cast<int>(bh % p.heads);
+    RpbGradAccumulator<A> acc_rpb{nullptr, grad_rpb ? grad_rpb + head * rsize : nullptr};
+    const bool local = grad_rpb && rpb_in_smem;
+    if (local) {
+      acc_rpb.table = reinterpret_cast<A*>(smem);
+      for (int i = threadIdx.x; i < rsize; i += blockDim.x) acc_rpb.table[i] = 0;
+      __syncthreads();
+    }
+    body(bh, acc_rpb);
+    if (local) {
+      __syncthreads();
+      for (int i = threadIdx.x; i < rsize; i += blockDim.x) {
+        const A v = acc_rpb.table[i];
+        if (v != 0) atomicAdd(acc_rpb.global_head + i, v);
+      }
+      __syncthreads();
+    }
   }
+}
+
+// The queries whose window holds one key (at `pos`), as inclusive per-axis ranges [lo, hi] of
+// inner coordinates in the key's groups (a box that still holds queries whose window misses the
+// key on a causal or border axis; for_each_inverse_query filters them).
+struct InverseWindow {
+  int lo[kMaxAxes], hi[kMaxAxes];
+};
+
+MMBOAT_CUDA_HD InverseWindow inverse_window_of(const Problem& p, const ItemAxes& pos) {
+  InverseWindow iw;
+#pragma unroll
+  for (int a = 0; a < kMaxAxes; ++a)
+    inverse_window(pos.inner[a], pos.group_len[a], p.kernel[a], p.causal[a] != 0, &iw.lo[a],
+                   &iw.hi[a]);
+  return iw;
+}
+
+// Calls f(qi, slot) for every query (inner coordinates qi, in the key's groups) whose window
+// holds the key at `pos`, slot being the key's full-layout index in that window.
+template <typename F>
+__device__ __forceinline__ void for_each_inverse_query(const Problem& p, const ItemAxes& pos,
+                                                       const InverseWindow& iw, F&& f) {
+  int qi[kMaxAxes];
+  for (qi[0] = iw.lo[0]; qi[0] <= iw.hi[0]; ++qi[0])
+    for (qi[1] = iw.lo[1]; qi[1] <= iw.hi[1]; ++qi[1])
+      for (qi[2] = iw.lo[2]; qi[2] <= iw.hi[2]; ++qi[2]) {
+        bool inside = true;
+        int t[kMaxAxes];
+#pragma unroll
+        for (int a = 0; a < kMaxAxes; ++a) {
+          const bool c = p.causal[a] != 0;
+          const int st = window_start(qi[a], pos.group_len[a], p.kernel[a], c);
+          t[a] = pos.inner[a] - st;
+          inside = inside && t[a] >= 0 && t[a] < window_count(qi[a], st, p.kernel[a], c);
+        }
+        if (!inside) continue;
+        f(qi, (t[0] * p.kernel[1] + t[1]) * p.kernel[2] + t[2]);
+      }
 }
 
 // ---------------------------------------------------------------- fused backward, part 1
@@ -614,68 +654,42 @@ __global__ void __launch_bounds__(kSimpleThreads)
   const A scale = scale_of<A>(p);
   const int dim = p.head_dim;
   const int64_t n_tok = p.tokens();
-  const int lane = threadIdx.x % kLanes;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x / kLanes;
-  const int rsize = p.rpb_size();
-  for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
-    const int head = static_cast<int>(bh % p.heads);
-    RpbGradAccumulator<A> acc_rpb{nullptr, grad_rpb ? grad_rpb + head * rsize : nullptr};
-    if (grad_rpb && rpb_in_smem) {
-      acc_rpb.table = reinterpret_cast<A*>(smem);
-      rpb_table_zero(acc_rpb.table, rsize);
-      __syncthreads();
-    }
-    if (n < n_tok) {
-      AxisPos pos[kMaxAxes];
-      decode_token(p, n, pos);
-      const QueryWindow w = query_window(p, pos);
-      const int64_t row = bh * n_tok + n;
-      const T* q = query + row * dim;
-      const T* dout = grad_out + row * dim;
-      const A dl = group_dot(dout, out + row * dim, dim, lane);
-      if (lane == 0) delta[row] = dl;
-      const A lse_q = lse[row];
-      const T* rpb_h = p.has_rpb ? rpb + head * rsize : nullptr;
-      for (int base = 0; base < dim; base += kLanes * DPL) {
-        A acc[DPL];
-#pragma unroll
-        for (int j = 0; j < DPL; ++j) acc[j] = 0;
-        for (int t0 = 0; t0 < w.count[0]; ++t0)
-          for (int t1 = 0; t1 < w.count[1]; ++t1)
-            for (int t2 = 0; t2 < w.count[2]; ++t2) {
-              const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
-              const int64_t krow = bh * n_tok + token_index(p, kj, w.group);
-              const T* k = key + krow * dim;
-              A s = group_dot(q, k, dim, lane) * scale;
-              int ridx = 0;
-              if (rpb_h) {
-                ridx = rpb_index(p, kj, w.inner);
-                s += to_f(rpb_h[ridx]);
-              }
-              const A pr = exp_f(s - lse_q);
-              const A dp = group_dot(dout, value + krow * dim, dim, lane);
-              const A ds = pr * (dp - dl);
-#pragma unroll
-              for (int j = 0; j < DPL; ++j) {
-                const int c = base + lane + kLanes * j;
-                if (c < dim) acc[j] += ds * to_f(k[c]);
-              }
-              if (grad_rpb && base == 0 && lane == 0) acc_rpb.add(ridx, ds);
+  const SimpleItem it = simple_item(p);
+  const int lane = it.lane;
+  for_each_bh_rpb_grad(p, grad_rpb, rpb_in_smem, smem, [&](int64_t bh,
+                                                           RpbGradAccumulator<A>& acc_rpb) {
+    if (!it.valid) return;
+    const QueryWindow w = query_window(p, it.pos);
+    const int64_t row = bh * n_tok + it.n;
+    const T* q = query + row * dim;
+    const T* dout = grad_out + row * dim;
+    const A dl = group_dot(dout, out + row * dim, dim, lane);
+    if (lane == 0) delta[row] = dl;
+    const A lse_q = lse[row];
+    const T* rpb_h = p.has_rpb ? rpb + (bh % p.heads) * p.rpb_size() : nullptr;
+    for (int base = 0; base < dim; base += kLanes * DPL) {
+      LaneSlice<A, DPL> acc(base, lane, dim);
+      for (int t0 = 0; t0 < w.count[0]; ++t0)
+        for (int t1 = 0; t1 < w.count[1]; ++t1)
+          for (int t2 = 0; t2 < w.count[2]; ++t2) {
+            const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
+            const int64_t krow = bh * n_tok + token_index(p, kj, it.pos.group);
+            const T* k = key + krow * dim;
+            A s = group_dot(q, k, dim, lane) * scale;
+            int ridx = 0;
+            if (rpb_h) {
+              ridx = rpb_index(p, kj, it.pos.inner);
+              s += to_f(rpb_h[ridx]);
             }
-        T* dq = grad_query + row * dim;
-#pragma unroll
-        for (int j = 0; j < DPL; ++j) {
-          const int c = base + lane + kLanes * j;
-          if (c < dim) dq[c] = from_f<T>(acc[j] * scale);
-        }
-      }
+            const A pr = exp_f(s - lse_q);
+            const A dp = group_dot(dout, value + krow * dim, dim, lane);
+            const A ds = pr * (dp - dl);
+            acc.add(ds, k);
+            if (grad_rpb && base == 0 && lane == 0) acc_rpb.add(ridx, ds);
+          }
+      acc.store(grad_query + row * dim, scale);
     }
-    if (grad_rpb && rpb_in_smem) {
-      __syncthreads();
-      rpb_table_flush(acc_rpb.table, acc_rpb.global_head, rsize);
-      __syncthreads();
-    }
-  }
+  });
 }
 
 // ---------------------------------------------------------------- fused backward, part 2
@@ -691,344 +705,135 @@ __global__ void __launch_bounds__(kSimpleThreads)
   const A scale = scale_of<A>(p);
   const int dim = p.head_dim;
   const int64_t n_tok = p.tokens();
-  const int lane = threadIdx.x % kLanes;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x / kLanes;
-  if (n >= n_tok) return;
-  AxisPos pos[kMaxAxes];
-  decode_token(p, n, pos);
-  int lo[kMaxAxes], hi[kMaxAxes], kj[kMaxAxes], grp[kMaxAxes];
-  #pragma unroll
-  for (int a = 0; a < kMaxAxes; ++a) {
-    kj[a] = pos[a].inner;
-    grp[a] = pos[a].group;
-    inverse_window(kj[a], pos[a].group_len, p.kernel[a], p.causal[a] != 0, &lo[a], &hi[a]);
-  }
+  const SimpleItem it = simple_item(p);
+  if (!it.valid) return;
+  const InverseWindow iw = inverse_window_of(p, it.pos);
   for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
-    const int head = static_cast<int>(bh % p.heads);
-    const T* rpb_h = p.has_rpb ? rpb + head * p.rpb_size() : nullptr;
-    const int64_t krow = bh * n_tok + n;
+    const T* rpb_h = p.has_rpb ? rpb + (bh % p.heads) * p.rpb_size() : nullptr;
+    const int64_t krow = bh * n_tok + it.n;
     const T* k = key + krow * dim;
     const T* v = value + krow * dim;
     for (int base = 0; base < dim; base += kLanes * DPL) {
-      A dk[DPL], dv[DPL];
-#pragma unroll
-      for (int j = 0; j < DPL; ++j) dk[j] = dv[j] = 0;
-      int qi[kMaxAxes];
-      for (qi[0] = lo[0]; qi[0] <= hi[0]; ++qi[0])
-        for (qi[1] = lo[1]; qi[1] <= hi[1]; ++qi[1])
-          for (qi[2] = lo[2]; qi[2] <= hi[2]; ++qi[2]) {
-            bool inside = true;
-            #pragma unroll
-            for (int a = 0; a < kMaxAxes; ++a) {
-              const bool c = p.causal[a] != 0;
-              const int st = window_start(qi[a], pos[a].group_len, p.kernel[a], c);
-              const int slot = kj[a] - st;
-              inside = inside && slot >= 0 && slot < window_count(qi[a], st, p.kernel[a], c);
-            }
-            if (!inside) continue;
-            const int64_t qrow = bh * n_tok + token_index(p, qi, grp);
-            const T* q = query + qrow * dim;
-            const T* dout = grad_out + qrow * dim;
-            A s = group_dot(q, k, dim, lane) * scale;
-            if (rpb_h) s += to_f(rpb_h[rpb_index(p, kj, qi)]);
-            const A pr = exp_f(s - lse[qrow]);
-            const A dp = group_dot(dout, v, dim, lane);
-            const A ds = pr * (dp - delta[qrow]);
-#pragma unroll
-            for (int j = 0; j < DPL; ++j) {
-              const int c = base + lane + kLanes * j;
-              if (c < dim) {
-                dv[j] += pr * to_f(dout[c]);
-                dk[j] += ds * to_f(q[c]);
-              }
-            }
-          }
-#pragma unroll
-      for (int j = 0; j < DPL; ++j) {
-        const int c = base + lane + kLanes * j;
-        if (c < dim) {
-          grad_key[krow * dim + c] = from_f<T>(dk[j] * scale);
-          grad_value[krow * dim + c] = from_f<T>(dv[j]);
-        }
-      }
+      LaneSlice<A, DPL> dk(base, it.lane, dim), dv(base, it.lane, dim);
+      for_each_inverse_query(p, it.pos, iw, [&](const int* qi, int) {
+        const int64_t qrow = bh * n_tok + token_index(p, qi, it.pos.group);
+        const T* q = query + qrow * dim;
+        const T* dout = grad_out + qrow * dim;
+        A s = group_dot(q, k, dim, it.lane) * scale;
+        if (rpb_h) s += to_f(rpb_h[rpb_index(p, it.pos.inner, qi)]);
+        const A pr = exp_f(s - lse[qrow]);
+        const A dp = group_dot(dout, v, dim, it.lane);
+        const A ds = pr * (dp - delta[qrow]);
+        dv.add(pr, dout);
+        dk.add(ds, q);
+      });
+      dk.store(grad_key + krow * dim, scale);
+      dv.store(grad_value + krow * dim);
     }
   }
 }
 
-// ---------------------------------------------------------------- unfused qk
-// attn[row, slot] = q . k + rpb (q already scaled by the caller); unused causal slots -inf.
-template <typename T>
+// ---------------------------------------------------------------- unfused qk / av
+// The six kernels of the unfused ops come in three shapes, each a kernel templated on the role
+// it plays (attention map [B*heads*N, window_size], one column per window slot):
+//   na_slot_dots_kernel<kQK>:      attn[q, slot] = query_q . key_slot + rpb (-inf off-window)
+//   na_slot_dots_kernel<kAV>:      grad_attn[q, slot] = grad_out_q . value_slot (0 off-window)
+//   na_window_sum_kernel<kAV>:     out_q = sum_slot attn[q, slot] * value_slot
+//   na_window_sum_kernel<kQK>:     grad_query_q = sum_slot grad_attn[q, slot] * key_slot, and
+//                                  grad_rpb[idx] += grad_attn[q, slot]
+//   na_inverse_sum_kernel (both):  per key: grad_key = sum_q grad_attn[q, slot] * query_q,
+//                                  grad_value = sum_q attn[q, slot] * grad_out_q
+// (q already scaled by the caller; the op whose backward it is gives kQK or kAV).
+enum class UnfusedRole { kQK, kAV };
+
+template <typename T, UnfusedRole kRole>
 __global__ void __launch_bounds__(kSimpleThreads)
-    na_qk_kernel(Problem p, const T* __restrict__ query, const T* __restrict__ key,
-                 const T* __restrict__ rpb, T* __restrict__ attn) {
+    na_slot_dots_kernel(Problem p, const T* __restrict__ x, const T* __restrict__ y,
+                        const T* __restrict__ rpb, T* __restrict__ attn) {
   const int dim = p.head_dim;
   const int64_t n_tok = p.tokens();
-  const int lane = threadIdx.x % kLanes;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x / kLanes;
-  if (n >= n_tok) return;
-  AxisPos pos[kMaxAxes];
-  decode_token(p, n, pos);
-  const QueryWindow w = query_window(p, pos);
+  const SimpleItem it = simple_item(p);
+  if (!it.valid) return;
+  const QueryWindow w = query_window(p, it.pos);
   const int ksize = p.window_size();
+  const T off_window = from_f<T>(kRole == UnfusedRole::kQK ? acc_t<T>(-INFINITY) : acc_t<T>(0));
   for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
-    const int64_t row = bh * n_tok + n;
-    const T* q = query + row * dim;
-    const T* rpb_h = p.has_rpb ? rpb + (bh % p.heads) * p.rpb_size() : nullptr;
+    const int64_t row = bh * n_tok + it.n;
+    const T* xq = x + row * dim;
+    const T* rpb_h =
+        kRole == UnfusedRole::kQK && p.has_rpb ? rpb + (bh % p.heads) * p.rpb_size() : nullptr;
     T* a_row = attn + row * ksize;
     for (int t0 = 0; t0 < p.kernel[0]; ++t0)
       for (int t1 = 0; t1 < p.kernel[1]; ++t1)
         for (int t2 = 0; t2 < p.kernel[2]; ++t2) {
           const int slot = (t0 * p.kernel[1] + t1) * p.kernel[2] + t2;
           if (t0 >= w.count[0] || t1 >= w.count[1] || t2 >= w.count[2]) {
-            if (lane == 0) a_row[slot] = from_f<T>(-INFINITY);
+            if (it.lane == 0) a_row[slot] = off_window;
             continue;
           }
           const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
-          const int64_t krow = bh * n_tok + token_index(p, kj, w.group);
-          acc_t<T> s = group_dot(q, key + krow * dim, dim, lane);
-          if (rpb_h) s += to_f(rpb_h[rpb_index(p, kj, w.inner)]);
-          if (lane == 0) a_row[slot] = from_f<T>(s);
+          const int64_t krow = bh * n_tok + token_index(p, kj, it.pos.group);
+          acc_t<T> s = group_dot(xq, y + krow * dim, dim, it.lane);
+          if (rpb_h) s += to_f(rpb_h[rpb_index(p, kj, it.pos.inner)]);
+          if (it.lane == 0) a_row[slot] = from_f<T>(s);
         }
   }
 }
 
-// grad_query = sum_slot grad_attn * k; grad_rpb[idx] += grad_attn (acc_t table).
-template <typename T, int DPL>
+template <typename T, int DPL, UnfusedRole kRole>
 __global__ void __launch_bounds__(kSimpleThreads)
-    na_qk_backward_dq_kernel(Problem p, const T* __restrict__ grad_attn,
-                             const T* __restrict__ key, T* __restrict__ grad_query,
-                             acc_t<T>* __restrict__ grad_rpb, int rpb_in_smem) {
+    na_window_sum_kernel(Problem p, const T* __restrict__ weights, const T* __restrict__ y,
+                         T* __restrict__ out, acc_t<T>* __restrict__ grad_rpb, int rpb_in_smem) {
   using A = acc_t<T>;
   MMBOAT_DYNAMIC_SMEM(smem);
   const int dim = p.head_dim;
   const int64_t n_tok = p.tokens();
-  const int lane = threadIdx.x % kLanes;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x / kLanes;
-  const int rsize = p.rpb_size();
   const int ksize = p.window_size();
-  for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
-    const int head = static_cast<int>(bh % p.heads);
-    RpbGradAccumulator<A> acc_rpb{nullptr, grad_rpb ? grad_rpb + head * rsize : nullptr};
-    if (grad_rpb && rpb_in_smem) {
-      acc_rpb.table = reinterpret_cast<A*>(smem);
-      rpb_table_zero(acc_rpb.table, rsize);
-      __syncthreads();
-    }
-    if (n < n_tok) {
-      AxisPos pos[kMaxAxes];
-      decode_token(p, n, pos);
-      const QueryWindow w = query_window(p, pos);
-      const int64_t row = bh * n_tok + n;
-      const T* ga = grad_attn + row * ksize;
-      for (int base = 0; base < dim; base += kLanes * DPL) {
-        A acc[DPL];
-#pragma unroll
-        for (int j = 0; j < DPL; ++j) acc[j] = 0;
-        for (int t0 = 0; t0 < w.count[0]; ++t0)
-          for (int t1 = 0; t1 < w.count[1]; ++t1)
-            for (int t2 = 0; t2 < w.count[2]; ++t2) {
-              const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
-              const A g = to_f(ga[(t0 * p.kernel[1] + t1) * p.kernel[2] + t2]);
-              const T* k = key + (bh * n_tok + token_index(p, kj, w.group)) * dim;
-#pragma unroll
-              for (int j = 0; j < DPL; ++j) {
-                const int c = base + lane + kLanes * j;
-                if (c < dim) acc[j] += g * to_f(k[c]);
-              }
-              if (grad_rpb && base == 0 && lane == 0) acc_rpb.add(rpb_index(p, kj, w.inner), g);
-            }
-#pragma unroll
-        for (int j = 0; j < DPL; ++j) {
-          const int c = base + lane + kLanes * j;
-          if (c < dim) grad_query[row * dim + c] = from_f<T>(acc[j]);
-        }
-      }
-    }
-    if (grad_rpb && rpb_in_smem) {
-      __syncthreads();
-      rpb_table_flush(acc_rpb.table, acc_rpb.global_head, rsize);
-      __syncthreads();
-    }
-  }
-}
-
-// Per-key gather over the inverse window: calls f(query_row, slot) for each query seeing the key.
-template <typename F>
-__device__ __forceinline__ void for_each_inverse_query(const Problem& p, int64_t bh,
-                                                       int64_t n_tok, const AxisPos pos[kMaxAxes],
-                                                       F&& f) {
-  int lo[kMaxAxes], hi[kMaxAxes], kj[kMaxAxes], grp[kMaxAxes];
-  #pragma unroll
-  for (int a = 0; a < kMaxAxes; ++a) {
-    kj[a] = pos[a].inner;
-    grp[a] = pos[a].group;
-    inverse_window(kj[a], pos[a].group_len, p.kernel[a], p.causal[a] != 0, &lo[a], &hi[a]);
-  }
-  int qi[kMaxAxes];
-  for (qi[0] = lo[0]; qi[0] <= hi[0]; ++qi[0])
-    for (qi[1] = lo[1]; qi[1] <= hi[1]; ++qi[1])
-      for (qi[2] = lo[2]; qi[2] <= hi[2]; ++qi[2]) {
-        bool inside = true;
-        int t[kMaxAxes];
-        #pragma unroll
-        for (int a = 0; a < kMaxAxes; ++a) {
-          const bool c = p.causal[a] != 0;
-          const int st = window_start(qi[a], pos[a].group_len, p.kernel[a], c);
-          t[a] = kj[a] - st;
-          inside = inside && t[a] >= 0 && t[a] < window_count(qi[a], st, p.kernel[a], c);
-        }
-        if (!inside) continue;
-        f(bh * n_tok + token_index(p, qi, grp), (t[0] * p.kernel[1] + t[1]) * p.kernel[2] + t[2]);
-      }
-}
-
-// grad_key = sum over queries seeing the key of grad_attn[query, slot] * q.
-template <typename T, int DPL>
-__global__ void __launch_bounds__(kSimpleThreads)
-    na_qk_backward_dk_kernel(Problem p, const T* __restrict__ grad_attn,
-                             const T* __restrict__ query, T* __restrict__ grad_key) {
-  const int dim = p.head_dim;
-  const int64_t n_tok = p.tokens();
-  const int lane = threadIdx.x % kLanes;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x / kLanes;
-  if (n >= n_tok) return;
-  AxisPos pos[kMaxAxes];
-  decode_token(p, n, pos);
-  const int ksize = p.window_size();
-  for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
-    const int64_t krow = bh * n_tok + n;
+  const SimpleItem it = simple_item(p);
+  // Only the rpb gradient (kQK) has block-wide barriers; otherwise idle threads leave now.
+  if (kRole == UnfusedRole::kAV && !it.valid) return;
+  QueryWindow w{};
+  if (it.valid) w = query_window(p, it.pos);
+  A* rpb_grad = kRole == UnfusedRole::kQK ? grad_rpb : nullptr;
+  for_each_bh_rpb_grad(p, rpb_grad, rpb_in_smem, smem, [&](int64_t bh,
+                                                           RpbGradAccumulator<A>& acc_rpb) {
+    if (!it.valid) return;
+    const int64_t row = bh * n_tok + it.n;
+    const T* wrow = weights + row * ksize;
     for (int base = 0; base < dim; base += kLanes * DPL) {
-      acc_t<T> acc[DPL];
-#pragma unroll
-      for (int j = 0; j < DPL; ++j) acc[j] = 0;
-      for_each_inverse_query(p, bh, n_tok, pos, [&](int64_t qrow, int slot) {
-        const acc_t<T> g = to_f(grad_attn[qrow * ksize + slot]);
-        const T* q = query + qrow * dim;
-#pragma unroll
-        for (int j = 0; j < DPL; ++j) {
-          const int c = base + lane + kLanes * j;
-          if (c < dim) acc[j] += g * to_f(q[c]);
-        }
-      });
-#pragma unroll
-      for (int j = 0; j < DPL; ++j) {
-        const int c = base + lane + kLanes * j;
-        if (c < dim) grad_key[krow * dim + c] = from_f<T>(acc[j]);
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------- unfused av
-// out = sum over valid slots attn * v.
-template <typename T, int DPL>
-__global__ void __launch_bounds__(kSimpleThreads)
-    na_av_kernel(Problem p, const T* __restrict__ attn, const T* __restrict__ value,
-                 T* __restrict__ out) {
-  const int dim = p.head_dim;
-  const int64_t n_tok = p.tokens();
-  const int lane = threadIdx.x % kLanes;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x / kLanes;
-  if (n >= n_tok) return;
-  AxisPos pos[kMaxAxes];
-  decode_token(p, n, pos);
-  const QueryWindow w = query_window(p, pos);
-  const int ksize = p.window_size();
-  for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
-    const int64_t row = bh * n_tok + n;
-    const T* a_row = attn + row * ksize;
-    for (int base = 0; base < dim; base += kLanes * DPL) {
-      acc_t<T> acc[DPL];
-#pragma unroll
-      for (int j = 0; j < DPL; ++j) acc[j] = 0;
+      LaneSlice<A, DPL> acc(base, it.lane, dim);
       for (int t0 = 0; t0 < w.count[0]; ++t0)
         for (int t1 = 0; t1 < w.count[1]; ++t1)
           for (int t2 = 0; t2 < w.count[2]; ++t2) {
             const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
-            const acc_t<T> a = to_f(a_row[(t0 * p.kernel[1] + t1) * p.kernel[2] + t2]);
-            const T* v = value + (bh * n_tok + token_index(p, kj, w.group)) * dim;
-#pragma unroll
-            for (int j = 0; j < DPL; ++j) {
-              const int c = base + lane + kLanes * j;
-              if (c < dim) acc[j] += a * to_f(v[c]);
-            }
+            const A g = to_f(wrow[(t0 * p.kernel[1] + t1) * p.kernel[2] + t2]);
+            acc.add(g, y + (bh * n_tok + token_index(p, kj, it.pos.group)) * dim);
+            if (rpb_grad && base == 0 && it.lane == 0)
+              acc_rpb.add(rpb_index(p, kj, it.pos.inner), g);
           }
-#pragma unroll
-      for (int j = 0; j < DPL; ++j) {
-        const int c = base + lane + kLanes * j;
-        if (c < dim) out[row * dim + c] = from_f<T>(acc[j]);
-      }
+      acc.store(out + row * dim);
     }
-  }
+  });
 }
 
-// grad_attn[row, slot] = grad_out . v (0 for unused causal slots).
-template <typename T>
-__global__ void __launch_bounds__(kSimpleThreads)
-    na_av_backward_dattn_kernel(Problem p, const T* __restrict__ grad_out,
-                                const T* __restrict__ value, T* __restrict__ grad_attn) {
-  const int dim = p.head_dim;
-  const int64_t n_tok = p.tokens();
-  const int lane = threadIdx.x % kLanes;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x / kLanes;
-  if (n >= n_tok) return;
-  AxisPos pos[kMaxAxes];
-  decode_token(p, n, pos);
-  const QueryWindow w = query_window(p, pos);
-  const int ksize = p.window_size();
-  for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
-    const int64_t row = bh * n_tok + n;
-    const T* dout = grad_out + row * dim;
-    T* ga = grad_attn + row * ksize;
-    for (int t0 = 0; t0 < p.kernel[0]; ++t0)
-      for (int t1 = 0; t1 < p.kernel[1]; ++t1)
-        for (int t2 = 0; t2 < p.kernel[2]; ++t2) {
-          const int slot = (t0 * p.kernel[1] + t1) * p.kernel[2] + t2;
-          if (t0 >= w.count[0] || t1 >= w.count[1] || t2 >= w.count[2]) {
-            if (lane == 0) ga[slot] = from_f<T>(0.f);
-            continue;
-          }
-          const int kj[kMaxAxes] = {w.start[0] + t0, w.start[1] + t1, w.start[2] + t2};
-          const acc_t<T> s =
-              group_dot(dout, value + (bh * n_tok + token_index(p, kj, w.group)) * dim, dim, lane);
-          if (lane == 0) ga[slot] = from_f<T>(s);
-        }
-  }
-}
-
-// grad_value = sum over queries seeing the value of attn[query, slot] * grad_out.
 template <typename T, int DPL>
 __global__ void __launch_bounds__(kSimpleThreads)
-    na_av_backward_dv_kernel(Problem p, const T* __restrict__ attn,
-                             const T* __restrict__ grad_out, T* __restrict__ grad_value) {
+    na_inverse_sum_kernel(Problem p, const T* __restrict__ weights, const T* __restrict__ x,
+                          T* __restrict__ out) {
   const int dim = p.head_dim;
   const int64_t n_tok = p.tokens();
-  const int lane = threadIdx.x % kLanes;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kItemsPerBlock + threadIdx.x / kLanes;
-  if (n >= n_tok) return;
-  AxisPos pos[kMaxAxes];
-  decode_token(p, n, pos);
   const int ksize = p.window_size();
+  const SimpleItem it = simple_item(p);
+  if (!it.valid) return;
+  const InverseWindow iw = inverse_window_of(p, it.pos);
   for (int64_t bh = blockIdx.y; bh < p.bh(); bh += gridDim.y) {
-    const int64_t vrow = bh * n_tok + n;
     for (int base = 0; base < dim; base += kLanes * DPL) {
-      acc_t<T> acc[DPL];
-#pragma unroll
-      for (int j = 0; j < DPL; ++j) acc[j] = 0;
-      for_each_inverse_query(p, bh, n_tok, pos, [&](int64_t qrow, int slot) {
-        const acc_t<T> a = to_f(attn[qrow * ksize + slot]);
-        const T* dout = grad_out + qrow * dim;
-#pragma unroll
-        for (int j = 0; j < DPL; ++j) {
-          const int c = base + lane + kLanes * j;
-          if (c < dim) acc[j] += a * to_f(dout[c]);
-        }
+      LaneSlice<acc_t<T>, DPL> acc(base, it.lane, dim);
+      for_each_inverse_query(p, it.pos, iw, [&](const int* qi, int slot) {
+        const int64_t qrow = bh * n_tok + token_index(p, qi, it.pos.group);
+        acc.add(to_f(weights[qrow * ksize + slot]), x + qrow * dim);
       });
-#pragma unroll
-      for (int j = 0; j < DPL; ++j) {
-        const int c = base + lane + kLanes * j;
-        if (c < dim) grad_value[vrow * dim + c] = from_f<T>(acc[j]);
-      }
+      acc.store(out + (bh * n_tok + it.n) * dim);
     }
   }
 }
@@ -1115,7 +920,7 @@ template <typename T>
 const char* launch_qk(const Problem& p, const T* query, const T* key, const T* rpb, T* attn,
                       cudaStream_t stream) {
   if (const char* err = check_simple_grid(p)) return err;
-  auto kernel = &na_qk_kernel<T>;
+  auto kernel = &na_slot_dots_kernel<T, UnfusedRole::kQK>;
   MMBOAT_LAUNCH(kernel, simple_grid(p), dim3(kSimpleThreads), 0, stream, p, query, key, rpb,
                 attn);
   return nullptr;
@@ -1130,10 +935,10 @@ const char* launch_qk_backward(const Problem& p, const T* grad_attn, const T* qu
   const int smem_rpb = (grad_rpb && p.rpb_size() <= kMaxSmemRpbEntries) ? 1 : 0;
   const size_t smem = smem_rpb ? p.rpb_size() * sizeof(acc_t<T>) : 0;
   MMBOAT_NA_DISPATCH_DPL(p.head_dim, {
-    auto k1 = &na_qk_backward_dq_kernel<T, kDPL>;
+    auto k1 = &na_window_sum_kernel<T, kDPL, UnfusedRole::kQK>;
     MMBOAT_LAUNCH(k1, grid, dim3(kSimpleThreads), smem, stream, p, grad_attn, key, grad_query,
                   grad_rpb, smem_rpb);
-    auto k2 = &na_qk_backward_dk_kernel<T, kDPL>;
+    auto k2 = &na_inverse_sum_kernel<T, kDPL>;
     MMBOAT_LAUNCH(k2, grid, dim3(kSimpleThreads), 0, stream, p, grad_attn, query, grad_key);
   });
   return nullptr;
@@ -1144,8 +949,9 @@ const char* launch_av(const Problem& p, const T* attn, const T* value, T* out,
                       cudaStream_t stream) {
   if (const char* err = check_simple_grid(p)) return err;
   MMBOAT_NA_DISPATCH_DPL(p.head_dim, {
-    auto kernel = &na_av_kernel<T, kDPL>;
-    MMBOAT_LAUNCH(kernel, simple_grid(p), dim3(kSimpleThreads), 0, stream, p, attn, value, out);
+    auto kernel = &na_window_sum_kernel<T, kDPL, UnfusedRole::kAV>;
+    MMBOAT_LAUNCH(kernel, simple_grid(p), dim3(kSimpleThreads), 0, stream, p, attn, value, out,
+                  static_cast<acc_t<T>*>(nullptr), 0);
   });
   return nullptr;
 }
@@ -1156,10 +962,11 @@ const char* launch_av_backward(const Problem& p, const T* grad_out, const T* att
                                cudaStream_t stream) {
   if (const char* err = check_simple_grid(p)) return err;
   const dim3 grid = simple_grid(p);
-  auto k1 = &na_av_backward_dattn_kernel<T>;
-  MMBOAT_LAUNCH(k1, grid, dim3(kSimpleThreads), 0, stream, p, grad_out, value, grad_attn);
+  auto k1 = &na_slot_dots_kernel<T, UnfusedRole::kAV>;
+  MMBOAT_LAUNCH(k1, grid, dim3(kSimpleThreads), 0, stream, p, grad_out, value,
+                static_cast<const T*>(nullptr), grad_attn);
   MMBOAT_NA_DISPATCH_DPL(p.head_dim, {
-    auto k2 = &na_av_backward_dv_kernel<T, kDPL>;
+    auto k2 = &na_inverse_sum_kernel<T, kDPL>;
     MMBOAT_LAUNCH(k2, grid, dim3(kSimpleThreads), 0, stream, p, attn, grad_out, grad_value);
   });
   return nullptr;

@@ -3,34 +3,18 @@
 //
 // CUDA specifics: bhc_cluster takes any floating dtype and computes in float32 (as on CPU).
 // clustered_attention_* take float32, float16 and bfloat16 (float32 accumulation) and float64
-// (float64 accumulation, as on CPU: float64 gradcheck runs on a GPU), so the dtype check here
-// replaces the shared float32/float64 one; every other check mirrors
-// csrc/pytorch/feature_space_attention.cpp. logsumexp has query's dtype (as the schema's fake
+// (float64 accumulation, as on CPU: float64 gradcheck runs on a GPU): the shared checks of
+// csrc/pytorch/feature_space_attention.cpp with Backend::kCUDA. logsumexp has query's dtype (as the schema's fake
 // kernel says); the backward recomputes the softmax normaliser from the logits, so a
 // float16/bfloat16 logsumexp costs no gradient precision. perm is checked to be a permutation
 // per row on the device (one sort and a host sync), since a bad perm would read out of bounds.
-//
-// nvcc in C++20 mode reads `module` in torch's C++ API headers (torch/python.h, pulled in by
-// torch/extension.h) as the C++20 keyword and warns (#3189-D) dozens of times; harmless, silenced
-// for the torch headers only so that warnings about our own code stand out.
-#if defined(__NVCC__)
-#pragma nv_diag_suppress 3189
-#endif
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
-#include <torch/extension.h>
+#include "cuda/pytorch_cuda_helper.h"  // first: torch, with nvcc's C++20 warnings silenced
 
 #include <tuple>
 #include <type_traits>
 
-#include "checks.h"
 #include "cuda/feature_space_attention_kernels.cuh"
 #include "feature_space_attention.h"
-#if defined(__NVCC__)
-#pragma nv_diag_default 3189
-#endif
 
 namespace mmboat {
 namespace fsla {
@@ -38,88 +22,10 @@ namespace {
 
 namespace kern = ::mmboat::cuda::fsla;
 
-template <typename T>
-T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
-
-void check_launch(const char* err, const char* op) {
-  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename F>
-void dispatch_cuda_type(at::ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(static_cast<float*>(nullptr));
-      break;
-    case at::kDouble:
-      f(static_cast<double*>(nullptr));
-      break;
-    case at::kHalf:
-      f(static_cast<__half*>(nullptr));
-      break;
-    case at::kBFloat16:
-      f(static_cast<__nv_bfloat16*>(nullptr));
-      break;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", st, " on CUDA");
-  }
-}
-
-size_t smem_optin(const at::Tensor& t) {
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        t.device().index()));
-  return size_t(optin);
-}
-
-void check_cuda_features(const char* op, const char* name, const at::Tensor& t,
-                         const at::Tensor& query) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor");
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must have 4 dimensions [B, heads, N, d], got shape ",
-              t.sizes());
-  TORCH_CHECK(t.sizes() == query.sizes(), op, ": ", name, " must have the shape of query ",
-              query.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == query.scalar_type(), op, ": query and ", name,
-              " must have the same dtype, got ", query.scalar_type(), " and ", t.scalar_type());
-  TORCH_CHECK(t.device() == query.device(), op, ": query and ", name,
-              " must be on the same device, got ", query.device(), " and ", t.device());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-void check_cuda_attention_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
-                                 const at::Tensor& value, const at::Tensor& perm,
-                                 int64_t cluster_size, int64_t overlap) {
-  MMBOAT_CHECK_DEFINED(query);
-  TORCH_CHECK(query.device().is_cuda(), op, ": query must be a CUDA tensor, got ",
-              query.device());
-  const auto st = query.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              op, ": query must be float32, float64, float16 or bfloat16 on CUDA, got ", st);
-  TORCH_CHECK(query.dim() == 4, op, ": query must have 4 dimensions [B, heads, N, d], got shape ",
-              query.sizes());
-  TORCH_CHECK(query.size(2) >= 1 && query.size(3) >= 1, op,
-              ": query must have at least one token and one channel, got shape ", query.sizes());
-  check_cuda_features(op, "query", query, query);
-  check_cuda_features(op, "key", key, query);
-  check_cuda_features(op, "value", value, query);
-  MMBOAT_CHECK_DEFINED(perm);
-  TORCH_CHECK(perm.scalar_type() == at::kLong, op, ": perm must be int64, got ",
-              perm.scalar_type());
-  TORCH_CHECK(perm.dim() == 3 && perm.sizes() == query.sizes().slice(0, 3), op,
-              ": perm must have shape [B, heads, N] = ", query.sizes().slice(0, 3), ", got ",
-              perm.sizes());
-  TORCH_CHECK(perm.device() == query.device(), op,
-              ": query and perm must be on the same device, got ", query.device(), " and ",
-              perm.device());
-  TORCH_CHECK(perm.is_contiguous(), op, ": perm must be contiguous");
-  TORCH_CHECK(cluster_size >= 1, op, ": cluster_size must be >= 1, got ", cluster_size);
-  TORCH_CHECK(overlap >= 0 && overlap < cluster_size, op,
-              ": overlap must satisfy 0 <= overlap < cluster_size, got overlap=", overlap,
-              " and cluster_size=", cluster_size);
-}
+using cuda_launch::check_launch;
+using cuda_launch::launch_for_dtype;
+using cuda_launch::ptr;
+using cuda_launch::smem_optin;
 
 // Every row of perm must be a permutation of 0..N-1 (else out-of-range reads).
 void check_permutation(const at::Tensor& perm, const char* op) {
@@ -167,21 +73,19 @@ std::tuple<at::Tensor, at::Tensor> clustered_attention_forward_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& perm, int64_t cluster_size, int64_t overlap, double scale) {
   const char* op = "clustered_attention_forward";
-  check_cuda_attention_inputs(op, query, key, value, perm, cluster_size, overlap);
+  check_attention_inputs(op, Backend::kCUDA, query, key, value, perm, cluster_size, overlap);
   const c10::cuda::CUDAGuard guard(query.device());
   check_permutation(perm, op);
   at::Tensor out = at::empty_like(query);
   at::Tensor lse = at::empty(query.sizes().slice(0, 3), query.options());
   if (query.numel() == 0) return {out, lse};
   const kern::AttnProblem p = to_problem(query, cluster_size, overlap, scale);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const size_t limit = smem_optin(query);
-  dispatch_cuda_type(query.scalar_type(), op, [&](auto* tag) {
+  launch_for_dtype(query.scalar_type(), op, [&](auto* tag, cudaStream_t stream) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    const char* err = kern::launch_attention_forward<T>(
-        p, ptr<T>(query), ptr<T>(key), ptr<T>(value), perm.data_ptr<int64_t>(), ptr<T>(out),
-        ptr<T>(lse), limit, stream);
-    check_launch(err, op);
+    return kern::launch_attention_forward<T>(p, ptr<T>(query), ptr<T>(key), ptr<T>(value),
+                                             perm.data_ptr<int64_t>(), ptr<T>(out), ptr<T>(lse),
+                                             limit, stream);
   });
   return {out, lse};
 }
@@ -191,14 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clustered_attention_backward_cuda
     const at::Tensor& value, const at::Tensor& perm, const at::Tensor& out,
     const at::Tensor& logsumexp, int64_t cluster_size, int64_t overlap, double scale) {
   const char* op = "clustered_attention_backward";
-  check_cuda_attention_inputs(op, query, key, value, perm, cluster_size, overlap);
-  check_cuda_features(op, "grad_out", grad_out, query);
-  check_cuda_features(op, "out", out, query);
-  TORCH_CHECK(logsumexp.defined() && logsumexp.sizes() == query.sizes().slice(0, 3) &&
-                  logsumexp.scalar_type() == query.scalar_type() &&
-                  logsumexp.device() == query.device() && logsumexp.is_contiguous(),
-              op, ": logsumexp must be a contiguous [B, heads, N] tensor with query's dtype and "
-              "device, got shape ", logsumexp.sizes());
+  check_attention_backward_inputs(op, Backend::kCUDA, grad_out, query, key, value, perm, out,
+                                  logsumexp, cluster_size, overlap);
   const c10::cuda::CUDAGuard guard(query.device());
   check_permutation(perm, op);
   at::Tensor grad_q = at::empty_like(query);
@@ -213,26 +111,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clustered_attention_backward_cuda
   at::Tensor grad_v = in_place ? gv_acc : at::empty_like(value);
   if (query.numel() == 0) return {grad_q, grad_k, grad_v};
   const kern::AttnProblem p = to_problem(query, cluster_size, overlap, scale);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const size_t limit = smem_optin(query);
-  dispatch_cuda_type(query.scalar_type(), op, [&](auto* tag) {
+  launch_for_dtype(query.scalar_type(), op, [&](auto* tag, cudaStream_t stream) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using A = kern::acc_t<T>;
-    const char* err = kern::launch_attention_backward<T>(
+    return kern::launch_attention_backward<T>(
         p, ptr<T>(grad_out), ptr<T>(query), ptr<T>(key), ptr<T>(value), ptr<T>(out),
         perm.data_ptr<int64_t>(), ptr<T>(grad_q), ptr<A>(gk_acc), ptr<A>(gv_acc), ptr<T>(grad_k),
         ptr<T>(grad_v), limit, stream);
-    check_launch(err, op);
   });
   return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace
-}  // namespace fsla
-}  // namespace mmboat
 
 TORCH_LIBRARY_IMPL(mmboat, CUDA, m) {
-  m.impl("bhc_cluster", &mmboat::fsla::bhc_cluster_cuda);
-  m.impl("clustered_attention_forward", &mmboat::fsla::clustered_attention_forward_cuda);
-  m.impl("clustered_attention_backward", &mmboat::fsla::clustered_attention_backward_cuda);
+  register_kernels<&bhc_cluster_cuda, &clustered_attention_forward_cuda,
+                   &clustered_attention_backward_cuda>(m);
 }
+
+}  // namespace fsla
+}  // namespace mmboat

@@ -134,8 +134,8 @@ static void check_cluster(int64_t rows, int64_t n, int64_t d, int64_t m, std::mt
 }
 
 template <typename T>
-static double to_f(T v) {
-  return fs::Elem<T>::load(v);
+static double as_double(T v) {
+  return fs::to_f(v);
 }
 
 template <typename T>
@@ -146,7 +146,7 @@ static void check_attention(const char* name, int64_t rows, int64_t n, int64_t d
   std::vector<T> q(total), k(total), v(total), go(total), out(total), lse(rows * n), gq(total),
       gk(total), gv(total);
   for (auto* vec : {&q, &k, &v, &go})
-    for (auto& e : *vec) e = fs::Elem<T>::store(nd(rng));
+    for (auto& e : *vec) e = fs::from_f<T>(nd(rng));
   std::vector<int64_t> perm(rows * n);
   for (int64_t r = 0; r < rows; ++r) {
     std::vector<int64_t> p(n);
@@ -188,7 +188,7 @@ static void check_attention(const char* name, int64_t rows, int64_t n, int64_t d
         for (size_t j = 0; j < keys.size(); ++j) {
           double acc = 0;
           for (int64_t c = 0; c < d; ++c)
-            acc += double(to_f(q[(b + qt) * d + c])) * to_f(k[(b + keys[j]) * d + c]);
+            acc += double(as_double(q[(b + qt) * d + c])) * as_double(k[(b + keys[j]) * d + c]);
           s[j] = acc * scale;
           mx = std::max(mx, s[j]);
         }
@@ -199,19 +199,19 @@ static void check_attention(const char* name, int64_t rows, int64_t n, int64_t d
         double delta = 0;
         for (int64_t c = 0; c < d; ++c) {
           double acc = 0;
-          for (size_t j = 0; j < keys.size(); ++j) acc += s[j] * to_f(v[(b + keys[j]) * d + c]);
+          for (size_t j = 0; j < keys.size(); ++j) acc += s[j] * as_double(v[(b + keys[j]) * d + c]);
           r_out[(b + qt) * d + c] = acc;
-          delta += acc * to_f(go[(b + qt) * d + c]);
+          delta += acc * as_double(go[(b + qt) * d + c]);
         }
         for (size_t j = 0; j < keys.size(); ++j) {
           double acc = 0;
           for (int64_t c = 0; c < d; ++c)
-            acc += double(to_f(go[(b + qt) * d + c])) * to_f(v[(b + keys[j]) * d + c]);
+            acc += double(as_double(go[(b + qt) * d + c])) * as_double(v[(b + keys[j]) * d + c]);
           const double ds = s[j] * (acc - delta) * scale;
           for (int64_t c = 0; c < d; ++c) {
-            r_gq[(b + qt) * d + c] += ds * to_f(k[(b + keys[j]) * d + c]);
-            r_gk[(b + keys[j]) * d + c] += ds * to_f(q[(b + qt) * d + c]);
-            r_gv[(b + keys[j]) * d + c] += s[j] * to_f(go[(b + qt) * d + c]);
+            r_gq[(b + qt) * d + c] += ds * as_double(k[(b + keys[j]) * d + c]);
+            r_gk[(b + keys[j]) * d + c] += ds * as_double(q[(b + qt) * d + c]);
+            r_gv[(b + keys[j]) * d + c] += s[j] * as_double(go[(b + qt) * d + c]);
           }
         }
       }
@@ -220,7 +220,7 @@ static void check_attention(const char* name, int64_t rows, int64_t n, int64_t d
   double worst = 0;
   auto cmp = [&](const std::vector<T>& got, const std::vector<double>& ref) {
     for (size_t i = 0; i < ref.size(); ++i) {
-      const double g = to_f(got[i]);
+      const double g = as_double(got[i]);
       const double e = std::abs(g - ref[i]) / (1.0 + std::abs(ref[i]));
       worst = std::max(worst, std::isfinite(g) ? e : 1e30);
     }
