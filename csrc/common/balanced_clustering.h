@@ -1,5 +1,5 @@
 // Balanced hierarchical clustering (BOAT FSLA): the leaf layout rule and the per-token formulas,
-// one source of truth for the C++ and CUDA kernels (spec/feature_space_attention.md, 2-3).
+// one source of truth for the C++ and CUDA kernels (docs/feature_space_attention.md).
 // Torch-free; every function is host+device safe so nvcc and plain C++ both compile it.
 //
 // N tokens, cluster size m: L = max(0, ceil(log2(N / m))) levels. A group of n tokens splits by

@@ -1,5 +1,5 @@
 // Neighborhood attention: the window rule and the relative-positional-bias index, per axis.
-// One source of truth for the C++ and CUDA kernels (spec/neighborhood_attention.md, 1-3).
+// One source of truth for the C++ and CUDA kernels (docs/neighborhood_attention.md).
 // Torch-free; every function is host+device safe so nvcc and plain C++ both compile it.
 //
 // Per axis: length L, query i, kernel k, dilation d. The query's dilation group is

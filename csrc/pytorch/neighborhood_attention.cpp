@@ -1,6 +1,6 @@
 // Schemas of the neighborhood-attention ops (the single source of truth for their signatures).
 //
-// Refinements of the shared contract (na_contract.md):
+// Refinements of the shared contract (docs/neighborhood_attention.md):
 // * logsumexp is float64 for float64 inputs (float32 otherwise), so float64 gradients stay
 //   exact; kernels check it.
 // * na_axis_window(length, kernel_size, dilation, is_causal) -> int64 [L, 5] exposes the

@@ -7,7 +7,8 @@ with the sibling cluster (:func:`clustered_attention`). Both run on the compiled
 ``torch.ops.mmboat.bhc_cluster`` / ``clustered_attention_forward`` /
 ``clustered_attention_backward`` when available, else on the pure-PyTorch references in
 :mod:`mmboat.ops.feature_space_attention_reference`; the compiled ops have fake kernels and an
-autograd formula registered here, so they work under ``torch.compile``. Under
+autograd formula registered here, so they work under ``torch.compile`` (and meta tensors run
+the fake kernels: shapes only). Under
 ``torch.autocast`` the clustering computes in float32 as always and the clustered attention
 casts its inputs to float32 (:mod:`mmboat.ops.autocast`).
 
@@ -32,11 +33,17 @@ __all__ = [
 # (the clustering, family 'clustering', is float32 too).
 _FAMILY = 'clustered_attention'
 
-# dtypes the compiled attention kernels take per device (the CPU kernels have no half types).
+# dtypes the compiled attention kernels take per device (the CPU kernels have no half types;
+# 'meta' is the fake kernel, shapes only).
 _ATTENTION_DTYPES = {
     'cpu': (torch.float32, torch.float64),
     'cuda': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    'meta': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
+# Dispatch key of each device type with compiled kernels. Meta tensors run the fake kernels
+# registered below (shape propagation, e.g. a model built on the meta device), never the
+# reference.
+_DISPATCH_KEYS = {'cpu': 'CPU', 'cuda': 'CUDA', 'meta': 'Meta'}
 
 
 def _compiled_op(name: str):
@@ -55,7 +62,7 @@ _KERNELS_FOUND: Set[Tuple[str, str]] = set()
 
 
 def _has_kernel(name: str, device: torch.device) -> bool:
-    key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device.type)
+    key = _DISPATCH_KEYS.get(device.type)
     if key is None:
         return False
     if (name, key) in _KERNELS_FOUND:

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of feature-space local attention (FSLA).
 
-Balanced hierarchical clustering of tokens (spec ``feature_space_attention.md`` sections 2-3)
+Balanced hierarchical clustering of tokens (``docs/feature_space_attention.md#clustering``)
 and attention inside the resulting clusters. These functions are the readable source of truth
 the compiled ops (``torch.ops.mmboat.bhc_cluster``, ``clustered_attention_forward``) are tested
 against; they run on any device and are vectorised over all groups of a level (one pass per

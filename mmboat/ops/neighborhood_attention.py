@@ -8,13 +8,14 @@ them; eager calls of the fused ops take ``mmboat._ext.na_fused``, the same ops u
 autograd Function, which runs no Python in the backward) and falls back to the pure-PyTorch
 references of
 :mod:`mmboat.ops.neighborhood_attention_reference` when the compiled op is missing for the
-input's device, or when ``impl='reference'``.
+input's device, or when ``impl='reference'``. Meta tensors (a model built on the meta device)
+run the fake kernels when the ops are registered: shapes propagate, nothing is computed.
 
 Under ``torch.autocast`` the inputs and the bias are cast to the autocast dtype and the ops
 accumulate in float32 (:mod:`mmboat.ops.autocast`, on every path: these functions, the
 reference and the compiled ops' Autocast dispatcher kernels).
 
-Semantics (``spec/neighborhood_attention.md``): per axis, the window of ``k`` keys lies in the
+Semantics (``docs/neighborhood_attention.md``): per axis, the window of ``k`` keys lies in the
 query's dilation group and is shifted inwards at the borders; ``L >= k * d`` is required; the
 relative positional bias (rpb) index is ``(key' - query') + (k - 1)`` and the bias is added
 after scaling. Even kernels (``r`` keys left, ``r - 1`` right) are allowed without rpb only;
@@ -53,10 +54,11 @@ _KERNELS: Dict[Tuple[str, str], bool] = {}  # (op name, device type) -> kernel r
 
 def _scan_kernels() -> None:
     """Record once which compiled ops have CPU/CUDA kernels (a plain dict lookup later keeps
-    the dispatch decision traceable by torch.compile)."""
+    the dispatch decision traceable by torch.compile), and Meta kernels: the fake kernels
+    registered below also serve meta tensors, so these propagate shapes without computing."""
     for name in _OP_NAMES:
         family = 'na2d_qk/av' if name.startswith(('na2d_qk', 'na2d_av')) else name[:4]
-        for device_type, key in (('cpu', 'CPU'), ('cuda', 'CUDA')):
+        for device_type, key in (('cpu', 'CPU'), ('cuda', 'CUDA'), ('meta', 'Meta')):
             _KERNELS[(name, device_type)] = (
                 family in _REGISTERED
                 and torch._C._dispatch_has_kernel_for_dispatch_key(f'mmboat::{name}', key))
@@ -73,10 +75,11 @@ def neighborhood_attention_op_available(name: str = 'na2d_forward',
 
 
 # dtypes the compiled kernels take per device (float64 accumulates in float64, the others in
-# float32); others run on the reference.
+# float32); others run on the reference. 'meta': the fake kernels (shapes only).
 _KERNEL_DTYPES = {
     'cpu': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     'cuda': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    'meta': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
 
 

@@ -1,12 +1,14 @@
 """Pure-PyTorch (gather-based) neighborhood attention: the fallback and the test oracle.
 
-Follows ``spec/neighborhood_attention.md`` sections 1-3 literally: per axis the window lies
+Follows ``docs/neighborhood_attention.md`` literally: per axis the window lies
 inside the query's dilation group and is shifted inwards at the borders (never padded or
 truncated), the causal window ends at the query, and the relative positional bias index is
 ``(key' - query') + (k - 1)`` with ``'`` the index inside the dilation group. The bias is added
 after scaling. Everything here is differentiable through ``torch`` autograd.
 
-Layout is heads-first: ``query/key/value: [B, heads, *spatial, head_dim]``.
+Layout is heads-first: ``query/key/value: [B, heads, *spatial, head_dim]``. A batch of 0 or 0
+heads gives empty outputs (and an all-zero rpb gradient), as the compiled kernels do; nothing
+here reads tensor data on the host, so meta tensors propagate shapes.
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -55,6 +57,15 @@ def axis_neighborhood(length: int, kernel_size: int, dilation: int = 1, is_causa
     return keys, bias_index, valid
 
 
+def _numel(sizes: Sequence[int]) -> int:
+    """Product of ``sizes`` (the flattened size; used instead of a ``-1`` in reshapes, which
+    is ambiguous for empty tensors: batch 0 or 0 heads)."""
+    total = 1
+    for size in sizes:
+        total *= size
+    return total
+
+
 def neighborhood_index(spatial: Sequence[int], kernel_size: Sequence[int],
                        dilation: Sequence[int], is_causal: Sequence[bool],
                        device: Optional[torch.device] = None
@@ -87,12 +98,7 @@ def neighborhood_index(spatial: Sequence[int], kernel_size: Sequence[int],
         flat = keys if flat is None else flat + keys
         val = val.view(shape)
         valid = val if valid is None else valid & val
-    total = 1
-    for size in spatial:
-        total *= size
-    kk = 1
-    for size in kernel_size:
-        kk *= size
+    total, kk = _numel(spatial), _numel(kernel_size)
     full = list(spatial) + list(kernel_size)
     return (flat.expand(full).reshape(total, kk), bias_indices,
             valid.expand(full).reshape(total, kk))
@@ -109,7 +115,8 @@ def _bias(rpb: Tensor, bias_indices: List[Tensor], spatial: Sequence[int]) -> Te
     heads = rpb.shape[0]
     n_sp = len(spatial)
     bias = rpb[(slice(None), ) + tuple(bias_indices)]  # [heads, *spatial, *kernel]
-    return bias.reshape(heads, -1, bias.shape[1 + n_sp:].numel())
+    # Explicit sizes: a -1 is ambiguous when heads == 0.
+    return bias.reshape(heads, _numel(spatial), bias.shape[1 + n_sp:].numel())
 
 
 def _as_tuple(value, n: int, name: str) -> tuple:
@@ -142,10 +149,11 @@ def nand_qk_reference(query: Tensor, key: Tensor, rpb: Optional[Tensor], kernel_
     cs = _as_tuple(is_causal, n, 'is_causal')
     keys, bias_idx, valid = neighborhood_index(spatial, ks, ds, cs, query.device)
     b, h = query.shape[:2]
+    tokens = _numel(spatial)
     out_dtype = query.dtype
     query, key, rpb = _upcast(query, key, rpb)
-    q = query.reshape(b, h, -1, query.shape[-1])
-    k_nb = _gather_neighbors(key.reshape(b, h, -1, key.shape[-1]), keys)
+    q = query.reshape(b, h, tokens, query.shape[-1])
+    k_nb = _gather_neighbors(key.reshape(b, h, tokens, key.shape[-1]), keys)
     attn = torch.einsum('bhnd,bhnkd->bhnk', q, k_nb)
     if rpb is not None:
         attn = attn + _bias(rpb, bias_idx, spatial).to(attn.dtype)
@@ -167,12 +175,13 @@ def nand_av_reference(attn: Tensor, value: Tensor, kernel_size, dilation=1,
     cs = _as_tuple(is_causal, n, 'is_causal')
     keys, _, valid = neighborhood_index(spatial, ks, ds, cs, value.device)
     b, h = value.shape[:2]
+    tokens = _numel(spatial)
     out_dtype = value.dtype
     attn, value = _upcast(attn, value)
-    a = attn.reshape(b, h, -1, keys.shape[1])
+    a = attn.reshape(b, h, tokens, keys.shape[1])
     if any(cs):
         a = a.masked_fill(~valid, 0)
-    v_nb = _gather_neighbors(value.reshape(b, h, -1, value.shape[-1]), keys)
+    v_nb = _gather_neighbors(value.reshape(b, h, tokens, value.shape[-1]), keys)
     out = torch.einsum('bhnk,bhnkd->bhnd', a, v_nb)
     return out.reshape(b, h, *spatial, value.shape[-1]).to(out_dtype)
 

@@ -117,7 +117,7 @@ def test_bad_constructor_args():
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter names of the released checkpoints (spec/models.md)
+# Parameter names of the released checkpoints (docs/models.md)
 # ----------------------------------------------------------------------------------------------
 def test_parameter_names_follow_released_layout():
     model = small_nat(arch=dict(SMALL_ARCH, layer_scale=1e-5), out_indices=(0, 1, 2, 3))

@@ -1,7 +1,7 @@
 """Tests of the FSLA ops: balanced hierarchical clustering and clustered attention.
 
-The released BOAT rule is re-written here as a literal per-group loop (spec
-feature_space_attention.md section 2, step by step) and clustered attention as a literal
+The released BOAT rule is re-written here as a literal per-group loop (see
+docs/feature_space_attention.md#clustering, step by step) and clustered attention as a literal
 per-leaf loop; the vectorised reference and the compiled ops are compared against them.
 """
 import math

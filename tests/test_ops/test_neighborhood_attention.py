@@ -45,7 +45,7 @@ def _inputs(shape, dtype, rpb_ks=None, seed=0, requires_grad=False):
 
 
 # ------------------------------------------------------------------------------------------
-# The window rule (spec sections 1 and 3).
+# The window rule (docs/neighborhood_attention.md#window-rule, #relative-positional-bias).
 # ------------------------------------------------------------------------------------------
 def test_spec_examples_reference():
     keys, bias, valid = axis_neighborhood(7, 3)

@@ -229,12 +229,17 @@ def test_fsla_references_run_on_meta_tensors():
 @pytest.mark.skipif(not (HAS_NA and HAS_FSLA), reason='needs the compiled CPU ops')
 def test_tensors_on_a_device_without_kernels_fall_back_with_one_warning(monkeypatch):
     """A build without kernels for the tensors' device (a CPU-only build given CUDA tensors;
-    here meta tensors) warns once per op and runs the reference on that device."""
+    here meta tensors, with the fake kernels that normally serve them hidden) warns once per
+    op and runs the reference on that device."""
     import warnings
 
+    import mmboat.ops.feature_space_attention as fsla_ops
+    import mmboat.ops.neighborhood_attention as na_ops
     from mmboat.ops import ext_loader
 
     monkeypatch.setattr(ext_loader, '_warned_missing_kernel', set())
+    monkeypatch.setitem(na_ops._KERNELS, ('na2d_forward', 'meta'), False)
+    monkeypatch.setattr(fsla_ops, '_DISPATCH_KEYS', {'cpu': 'CPU', 'cuda': 'CUDA'})
     q = torch.empty(1, 2, 9, 9, 8, device='meta')
     rpb = torch.empty(2, 5, 5, device='meta')
     x = torch.empty(1, 2, 60, 8, device='meta')

@@ -16,7 +16,7 @@ def test_get_flops_counts_neighborhood_attention(capsys):
     printed = capsys.readouterr().out
     assert 'Flops:' in printed and 'Params:' in printed
     assert result['unsupported_mmboat_ops'] == {}
-    # spec/neighborhood_attention.md section 7: 2 * B * heads * H * W * k * k * head_dim per
+    # docs/neighborhood_attention.md#cost-model: 2 * B * heads * H * W * k * k * head_dim per
     # layer, on the map padded up to k * d (here 7) by the layer.
     expected = 0
     side = 16

@@ -20,7 +20,7 @@ KERNEL = 3
 
 def released_backbone(arch=ARCH, kernel=KERNEL, layer_scale=False, dense_norms=False,
                       prefix='') -> 'OrderedDict[str, torch.Tensor]':
-    """Random weights with the released NAT key layout and shapes (spec/models.md)."""
+    """Random weights with the released NAT key layout and shapes (docs/models.md)."""
     g = torch.Generator().manual_seed(0)
     sd = OrderedDict()
 

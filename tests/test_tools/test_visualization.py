@@ -11,7 +11,7 @@ na_rf = load_tool('visualization/na_receptive_field.py', 'na_receptive_field')
 
 
 def _spec_axis(length: int, i: int, k: int, d: int):
-    """spec/neighborhood_attention.md section 1, written out independently."""
+    """docs/neighborhood_attention.md#window-rule, written out independently."""
     g, inner = i % d, i // d
     group_len = -(-(length - g) // d)
     start = min(max(inner - k // 2, 0), group_len - k)

@@ -58,7 +58,7 @@ class NAProblem(NamedTuple):
         return self.height * self.width
 
     def flops(self) -> float:
-        """Forward FLOPs of NA: 2 x (logits + weighted sum) multiply-adds (spec section 7)."""
+        """Forward FLOPs of NA: 2 x (logits + weighted sum) multiply-adds (NA doc: Cost model)."""
         return 2.0 * 2 * self.batch * self.heads * self.tokens() * self.kernel**2 * self.dim
 
 
@@ -317,7 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         table = SUITES[name](args)
         if table is not None:
             print_table(name, table)
-    print('\ntimes are medians in ms; NA GFLOP/s counts 4*B*heads*H*W*k*k*D (spec section 7); '
+    print('\ntimes are medians in ms; NA GFLOP/s counts 4*B*heads*H*W*k*k*D (NA doc: Cost model); '
           '"-" = not run (op missing, or size above --max-dense-tokens / '
           '--max-reference-elems)')
 

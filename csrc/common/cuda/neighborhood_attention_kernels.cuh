@@ -6,7 +6,7 @@
 // csrc/pytorch/cuda/neighborhood_attention_cuda.cu.
 //
 // ---------------------------------------------------------------------------------------------
-// Geometry (spec/neighborhood_attention.md, sections 1-3)
+// Geometry (docs/neighborhood_attention.md)
 // * Every problem is handled as 3-D: a 1-D/2-D input is padded with leading axes of length 1,
 //   kernel 1, dilation 1 (the window rule then yields the single key 0 and bias index 0 there),
 //   so one code path serves na1d/na2d/na3d. Layout [B, heads, L0, L1, L2, D], contiguous.

@@ -12,7 +12,7 @@ from mmboat.registry import MODELS
 
 __all__ = ['NAT', 'DiNAT', 'NATBlock', 'NATLevel', 'DILATION_SCHEDULES', 'resolve_dilations']
 
-# Per-stage dilation patterns of DiNAT (spec/models.md). A pattern is tiled over its stage, so
+# Per-stage dilation patterns of DiNAT (docs/models.md). A pattern is tiled over its stage, so
 # stage 3 covers both 6 (Mini) and 18 (Tiny and larger) blocks.
 DILATION_SCHEDULES: Dict[str, Tuple[Tuple[int, ...], ...]] = {
     'imagenet': ((1, 8, 1), (1, 4, 1, 4), (1, 2, 1, 2, 1, 2), (1, 1, 1, 1, 1)),

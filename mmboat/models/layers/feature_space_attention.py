@@ -4,10 +4,11 @@ BOAT: Bilateral Local Attention Vision Transformer (Yu et al., BMVC 2022,
 https://arxiv.org/abs/2201.13027). Tokens are grouped by balanced hierarchical clustering of their
 queries (per sample and head, no gradient) and attend inside their cluster plus an overlap with the
 sibling cluster; a depthwise 3x3 conv on the values (``get_v``) adds local image context. Parameter
-names (``qkv``, ``proj``, ``get_v``) are the released ones. See spec feature_space_attention.md.
+names (``qkv``, ``proj``, ``get_v``) are the released ones. See docs/feature_space_attention.md.
 """
 import inspect
-from typing import Any, Dict, Mapping, Optional, Tuple
+from contextlib import nullcontext
+from typing import Any, ContextManager, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,14 @@ from mmboat.ops.feature_space_attention import (balanced_hierarchical_clustering
                                                 clustered_attention)
 
 __all__ = ['FeatureSpaceLocalAttention', 'resolve_fsla_cfg', 'FSLA_CFG_KEYS']
+
+
+def _autocast_off(device_type: str) -> ContextManager:
+    """``torch.autocast(device_type, enabled=False)``; nothing for device types autocast does not
+    know (``meta``: a model built on the meta device propagates shapes through this layer)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
 
 
 class FeatureSpaceLocalAttention(nn.Module):
@@ -95,7 +104,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         Returns:
             tuple: ``perm`` and ``inv_perm``, ``[B, h, N]`` int64.
         """
-        with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
+        with torch.no_grad(), _autocast_off(query.device.type):
             return balanced_hierarchical_clustering(
                 query.detach().float(), cluster_size=self.cluster_size, iters=self.iters,
                 tau=self.tau, impl=self.impl)
@@ -124,7 +133,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         # Attention in (at least) float32: the compiled kernels take float32/float64, and logits
         # with the released scale 1.0 overflow float16.
         attn_dtype = torch.promote_types(q.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             out = clustered_attention(q.to(attn_dtype), k.to(attn_dtype), v.to(attn_dtype), perm,
                                       cluster_size=self.cluster_size, overlap=self.overlap,
                                       scale=self.scale, impl=self.impl)

@@ -45,7 +45,7 @@ class NeighborhoodAttention2d(nn.Module):
     `Dilated Neighborhood Attention Transformer <https://arxiv.org/abs/2209.15001>`_.
 
     Every query attends to the ``kernel_size x kernel_size`` keys of its (dilated) neighbourhood,
-    see ``spec/neighborhood_attention.md``. Maps smaller than ``kernel_size * dilation`` on an axis
+    see ``docs/neighborhood_attention.md``. Maps smaller than ``kernel_size * dilation`` on an axis
     are zero-padded at the right/bottom before the qkv projection and cropped back before the
     output projection (padded tokens are not masked; they carry the qkv biases), which is the
     behaviour the released NAT/DiNAT checkpoints were trained with.

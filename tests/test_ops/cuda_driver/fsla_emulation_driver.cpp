@@ -1,5 +1,5 @@
 // Runs the FSLA (BOAT) CUDA kernels under the host emulation (cuda_emulation.h) and checks them
-// against naive host implementations written from spec/feature_space_attention.md: the leaf
+// against naive host implementations written from docs/feature_space_attention.md: the leaf
 // layout by recursive floor/ceil splitting, the clustering rule in float32 with the kernels'
 // summation order (so perms must match exactly), and attention forward/backward in double.
 // float/half/bfloat16; equal and unequal leaves, L = 0, overlap > sibling size, empty leaves.

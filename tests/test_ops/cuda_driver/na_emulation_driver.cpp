@@ -1,5 +1,5 @@
 // Runs the neighborhood-attention CUDA kernels under the host emulation (cuda_emulation.h) and
-// checks them against a naive double-precision implementation of spec/neighborhood_attention.md:
+// checks them against a naive double-precision implementation of docs/neighborhood_attention.md:
 // every kernel (fused forward/backward, unfused qk/av and their backwards), float/half/bfloat16,
 // 1-D/2-D/3-D, dilation, causal, even kernels, rpb, head_dim fast path / odd / multi-pass, and
 // shared-memory chunking. Also checks the inverse-window rule against the forward rule by brute
