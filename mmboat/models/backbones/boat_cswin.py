@@ -286,7 +286,7 @@ class BOATCSWinTransformer(FSLABackboneMixin, HierarchicalBackbone):
                 x = block(x, hw_shape)
             if i in self.out_indices:
                 out = getattr(self, f'norm{i}')(x)
-                outs.append(out.transpose(1, 2).reshape(out.shape[0], -1,
+                outs.append(out.transpose(1, 2).reshape(out.shape[0], out.shape[2],
                                                         *hw_shape).contiguous())
             if i < self.num_stages - 1:
                 x, hw_shape = getattr(self, f'merge{i + 1}')(x, hw_shape)

@@ -318,7 +318,8 @@ class BOATSwinTransformer(FSLABackboneMixin, HierarchicalBackbone):
             x, next_hw, out, out_hw = stage(x, hw_shape)
             if i in self.out_indices:
                 out = getattr(self, f'norm{i}')(out)
-                outs.append(out.transpose(1, 2).reshape(out.shape[0], -1, *out_hw).contiguous())
+                outs.append(out.transpose(1, 2).reshape(out.shape[0], out.shape[2],
+                                                        *out_hw).contiguous())
             hw_shape = next_hw
         return tuple(outs)
 
