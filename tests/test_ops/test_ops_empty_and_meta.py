@@ -37,7 +37,7 @@ REFERENCES = [(na_ops, 'nand_reference'), (na_ops, 'na2d_qk_reference'),
 
 
 def _fsla_compiled() -> bool:
-    return all(fsla_ops._has_kernel(name, torch.device('cpu'))
+    return all(ext_loader.op_available(name, 'cpu')
                for name in ('bhc_cluster', 'clustered_attention_forward'))
 
 
