@@ -15,7 +15,7 @@ model = dict(
         type='mmboat.BOATCSWinTransformer',
         arch='tiny',
         drop_path_rate=0.2,
-        fsla_qk_scale=1.0,  # the scale the released BOAT-CSWin weights use
+        fsla_cfg=dict(qk_scale=1.0),  # the scale the released BOAT-CSWin weights use
         out_indices=(3, )),
     head=dict(in_channels=512))
 

@@ -12,7 +12,7 @@ model = dict(
         arch='tiny',
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.3,  # as the official BOAT-CSWin/segmentation/configs/cswin
-        fsla_qk_scale=1.0,  # the scale the released BOAT-CSWin weights use
+        fsla_cfg=dict(qk_scale=1.0),  # the scale the released BOAT-CSWin weights use
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
     decode_head=dict(in_channels=[64, 128, 256, 512], num_classes=150),
     auxiliary_head=dict(in_channels=256, num_classes=150))

@@ -11,7 +11,7 @@ model = dict(
         arch='tiny',
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.2,
-        fsla_qk_scale=1.0,  # the scale the released BOAT-CSWin weights use
+        fsla_cfg=dict(qk_scale=1.0),  # the scale the released BOAT-CSWin weights use
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
     neck=dict(in_channels=[64, 128, 256, 512]))
 

@@ -1,8 +1,18 @@
-"""Loading of the compiled extension ``mmboat._ext`` and the choice of implementation.
+"""The one dispatcher of mmboat's ops: the compiled extension ``mmboat._ext``, which of its ops
+have kernels for which device and dtype, and the choice between them and the pure-PyTorch
+references.
 
 The extension registers its ops as ``torch.ops.mmboat.*`` when imported. A missing or broken
 extension never fails at import time: :func:`has_ext` is False, the ops fall back to their
 pure-PyTorch reference implementations and :func:`warn_fallback` says so once.
+
+Every op family (the NA ops in :mod:`mmboat.ops.neighborhood_attention`, the FSLA ops in
+:mod:`mmboat.ops.feature_space_attention`) registers its fake kernels, autograd and autocast
+kernels through :func:`register_op_family`, which records once which device types have kernels
+(a plain dict lookup at call time, which ``torch.compile`` traces) and the dtypes each takes.
+:func:`use_compiled` then decides each call: the ``impl`` request, the kernel for the input's
+device, its dtype; a missing kernel warns once per (op, device, dtype) and runs the reference,
+or raises for ``impl='ext'``.
 
 The implementation is chosen per call by ``impl`` arguments or globally by the environment
 variable ``MMBOAT_OPS_IMPL``: ``auto`` (default; compiled when available), ``ext`` (compiled,
@@ -12,7 +22,7 @@ import importlib
 import os
 import warnings
 from types import ModuleType
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -129,6 +139,81 @@ def missing_kernel(impl: Optional[str], what: str, op_name: str, device: torch.d
     return False
 
 
+# ---------------------------------------------------------------------------------------------
+# Kernel registry: which compiled ops have kernels for which device types and dtypes.
+# ---------------------------------------------------------------------------------------------
+# Dispatch key of each device type with kernels; 'meta' is served by the fake kernels (shape
+# propagation, e.g. a model built on the meta device).
+DISPATCH_KEYS = {'cpu': 'CPU', 'cuda': 'CUDA', 'meta': 'Meta'}
+_REGISTERED_FAMILIES: Set[str] = set()
+_KERNELS: Dict[Tuple[str, str], bool] = {}  # (op name, device type) -> has a kernel
+_OP_DTYPES: Dict[str, Mapping[str, Sequence[torch.dtype]]] = {}  # op name -> device -> dtypes
+
+
+def register_op_family(family: str, op_names: Sequence[str],
+                       dtypes: Mapping[str, Sequence[torch.dtype]],
+                       register: Callable[[], None]) -> bool:
+    """Register a family of compiled ops once: ``register()`` adds their fake kernels, autograd
+    and autocast kernels; then the device types with kernels and the dtypes each takes are
+    recorded for :func:`use_compiled`.
+
+    Never fails at import: without the extension or one of the ops nothing happens, and an
+    error in ``register`` warns and leaves the family on the reference.
+
+    Args:
+        family (str): A name for messages, e.g. ``'na2d'``.
+        op_names (Sequence[str]): The ops ``torch.ops.mmboat.<name>`` of the family.
+        dtypes (Mapping[str, Sequence[torch.dtype]]): Device type -> the dtypes the compiled
+            kernels take (others run the reference).
+        register (Callable[[], None]): Registers the fake kernels, autograd and autocast.
+
+    Returns:
+        bool: Whether the family is registered.
+    """
+    if family in _REGISTERED_FAMILIES:
+        return True
+    if not has_ext() or not all(hasattr(torch.ops.mmboat, name) for name in op_names):
+        return False
+    try:
+        register()
+    except Exception as exc:  # never fail at import; the reference path still works
+        warnings.warn(f'mmboat: registering the {family} ops failed ({exc}); they run on the '
+                      'pure-PyTorch reference', RuntimeWarning)
+        return False
+    _REGISTERED_FAMILIES.add(family)
+    for name in op_names:
+        _OP_DTYPES[name] = dtypes
+        for device_type, key in DISPATCH_KEYS.items():
+            _KERNELS[(name, device_type)] = torch._C._dispatch_has_kernel_for_dispatch_key(
+                f'mmboat::{name}', key)
+    return True
+
+
+def op_available(name: str, device: Union[str, torch.device] = 'cpu') -> bool:
+    """Whether the compiled op ``torch.ops.mmboat.<name>`` has a kernel for ``device``
+    (``'meta'``: its fake kernel)."""
+    return _KERNELS.get((name, torch.device(device).type), False)
+
+
+def kernel_dtypes(name: str, device_type: str) -> Tuple[torch.dtype, ...]:
+    """The dtypes the compiled ``name`` takes on ``device_type`` (empty: no kernel)."""
+    if not _KERNELS.get((name, device_type), False):
+        return ()
+    return tuple(_OP_DTYPES.get(name, {}).get(device_type, ()))
+
+
+def use_compiled(impl: Optional[str], what: str, name: str, device: torch.device,
+                 dtype: torch.dtype) -> bool:
+    """Whether a call of ``what`` runs the compiled op ``name`` for inputs on ``device`` of
+    ``dtype``: :func:`use_ext`, then a kernel for the device and dtype (else
+    :func:`missing_kernel`: the reference after one warning, or an error for ``impl='ext'``)."""
+    if not use_ext(impl, what):
+        return False
+    if dtype in kernel_dtypes(name, device.type):
+        return True
+    return missing_kernel(impl, what, name, device, dtype)
+
+
 # The op families of mmboat's backbones: (part, compiled op that carries the choice). NAT/DiNAT
 # run the fused neighbourhood attention (na2d_qk/na2d_av, same kernels' build, when training
 # with attention dropout); BOAT's feature-space attention clusters, then attends.
@@ -142,24 +227,19 @@ _logged_ops_impl = set()  # lines already logged by log_ops_impl
 
 def _op_has_kernel(op_name: str, device_type: str) -> bool:
     """Whether the ops' own dispatch finds a compiled kernel of ``op_name`` for the device."""
-    if op_name.startswith('na'):
-        from .neighborhood_attention import neighborhood_attention_op_available
-        return neighborhood_attention_op_available(op_name, device_type)
-    key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type)
-    if key is None or not hasattr(torch.ops.mmboat, op_name):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f'mmboat::{op_name}', key)
+    _import_op_families()
+    return op_available(op_name, device_type)
 
 
-def _op_dtypes(op_name: str) -> Optional[Dict[str, Sequence[torch.dtype]]]:
-    """The dtypes the compiled ``op_name`` takes per device type (None: any)."""
-    if op_name.startswith('na'):
-        from .neighborhood_attention import _KERNEL_DTYPES
-        return _KERNEL_DTYPES
-    if op_name == 'clustered_attention_forward':
-        from .feature_space_attention import _ATTENTION_DTYPES
-        return _ATTENTION_DTYPES
-    return None
+def _op_dtypes(op_name: str, device_type: str) -> Tuple[torch.dtype, ...]:
+    """The dtypes the compiled ``op_name`` takes on ``device_type``."""
+    _import_op_families()
+    return kernel_dtypes(op_name, device_type)
+
+
+def _import_op_families() -> None:
+    """The op modules register their families at import (:func:`register_op_family`)."""
+    from . import feature_space_attention, neighborhood_attention  # noqa: F401
 
 
 def _impl_source(impl: Optional[str]) -> str:
@@ -186,11 +266,11 @@ def _impl_choice(op_name: str, impl: Optional[str], device_type: str,
         info = ext_info()
         build = (f"built with CUDA for {info['cuda_arch_list'] or 'the default archs'}"
                  if info['with_cuda'] else 'a CPU-only build')
-        dtypes = _op_dtypes(op_name)
+        dtypes = _op_dtypes(op_name, device_type)
         if not _op_has_kernel(op_name, device_type):
             why = f'mmboat._ext ({build}) has no {device_type.upper()} kernel for {{ops}}'
-        elif dtypes is not None and dtype not in dtypes.get(device_type, ()):
-            names = '/'.join(str(d).replace('torch.', '') for d in dtypes.get(device_type, ()))
+        elif dtype not in dtypes:
+            names = '/'.join(str(d).replace('torch.', '') for d in dtypes)
             why = (f'the {device_type.upper()} kernels of {{ops}} take {names}, not '
                    f"{str(dtype).replace('torch.', '')}")
         else:

@@ -15,12 +15,13 @@ casts its inputs to float32 (:mod:`mmboat.ops.autocast`).
 Shapes: ``B`` batch, ``heads``, ``N`` tokens in raster order, ``d`` channels per head.
 """
 import math
-from typing import Dict, Optional, Sequence, Set, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .autocast import call_with_policy, register_autocast_kernels
-from .ext_loader import has_ext, missing_kernel, use_ext
+from .checks import FLOAT_DTYPES, check_int, check_tensor
+from .ext_loader import register_op_family, use_compiled
 from .feature_space_attention_reference import (balanced_hierarchical_clustering_reference,
                                                 cluster_layout, clustered_attention_reference)
 from .flops import traced_clustered_attention, traced_clustering
@@ -34,77 +35,27 @@ __all__ = [
 # (the clustering, family 'clustering', is float32 too).
 _FAMILY = 'clustered_attention'
 
-# dtypes the compiled attention kernels take per device (the CPU kernels have no half types;
-# 'meta' is the fake kernel, shapes only).
+# dtypes the compiled kernels take per device (the CPU attention kernels have no half types; the
+# clustering computes in float32 whatever the input; 'meta' is the fake kernel, shapes only).
 _ATTENTION_DTYPES = {
     'cpu': (torch.float32, torch.float64),
-    'cuda': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    'meta': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    'cuda': FLOAT_DTYPES,
+    'meta': FLOAT_DTYPES,
 }
-# Dispatch key of each device type with compiled kernels. Meta tensors run the fake kernels
-# registered below (shape propagation, e.g. a model built on the meta device), never the
-# reference.
-_DISPATCH_KEYS = {'cpu': 'CPU', 'cuda': 'CUDA', 'meta': 'Meta'}
+_CLUSTERING_DTYPES = {'cpu': FLOAT_DTYPES, 'cuda': FLOAT_DTYPES, 'meta': FLOAT_DTYPES}
 
 
-def _compiled_op(name: str):
-    """``torch.ops.mmboat.<name>`` or None when the extension lacks it."""
-    if not has_ext():
-        return None
-    try:
-        return getattr(torch.ops.mmboat, name)
-    except (AttributeError, RuntimeError):
-        return None
-
-
-# (op name, dispatch key) pairs found registered; a kernel stays registered once it is, so a hit
-# skips the dispatcher query (~8 us, paid on every op call otherwise).
-_KERNELS_FOUND: Set[Tuple[str, str]] = set()
-
-
-def _has_kernel(name: str, device: torch.device) -> bool:
-    key = _DISPATCH_KEYS.get(device.type)
-    if key is None:
-        return False
-    if (name, key) in _KERNELS_FOUND:
-        return True
-    if _compiled_op(name) is None:
-        return False
-    found = torch._C._dispatch_has_kernel_for_dispatch_key(f'mmboat::{name}', key)
-    if found:
-        _KERNELS_FOUND.add((name, key))
-    return found
-
-
-def _pick_compiled(impl: Optional[str], what: str, op_name: str, tensor: torch.Tensor,
-                   dtypes: Optional[Dict[str, Sequence[torch.dtype]]] = None) -> bool:
-    """Whether this call runs the compiled op (``impl='ext'`` errors when it cannot)."""
-    if not use_ext(impl, what):
-        return False
-    if _has_kernel(op_name, tensor.device) and (
-            dtypes is None or tensor.dtype in dtypes.get(tensor.device.type, ())):
-        return True
-    return missing_kernel(impl, what, op_name, tensor.device, tensor.dtype)
-
-
-def _check_int(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f'{name} must be an int, got {type(value).__name__}')
-    if value < low:
-        raise ValueError(f'{name} must be >= {low}, got {value}')
-
-
-def _check_features(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f'{name} must be a tensor, got {type(t).__name__}')
+def _check_features(name: str, t: torch.Tensor, what: str) -> None:
+    check_tensor(t, name, what)
     if t.dim() != 4:
-        raise ValueError(f'{name} must have shape [B, heads, N, d] (4 dimensions), got shape '
-                         f'{tuple(t.shape)}')
-    if not t.is_floating_point():
-        raise TypeError(f'{name} must be a floating-point tensor, got dtype {t.dtype}')
+        raise ValueError(f'{what}: {name} must have shape [B, heads, N, d] (4 dimensions), got '
+                         f'shape {tuple(t.shape)}')
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f'{what}: {name} must be a floating-point tensor '
+                        f'({", ".join(str(d) for d in FLOAT_DTYPES)}), got dtype {t.dtype}')
     if t.shape[2] < 1 or t.shape[3] < 1:
-        raise ValueError(f'{name} must have at least one token and one channel, got shape '
-                         f'{tuple(t.shape)}')
+        raise ValueError(f'{what}: {name} must have at least one token and one channel, got '
+                         f'shape {tuple(t.shape)}')
 
 
 def balanced_hierarchical_clustering(x: torch.Tensor,
@@ -145,13 +96,14 @@ def balanced_hierarchical_clustering(x: torch.Tensor,
 
 def _balanced_hierarchical_clustering(x: torch.Tensor, cluster_size: int, iters: int, tau: float,
                                       impl: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    _check_features('x', x)
-    _check_int('cluster_size', cluster_size, 1)
-    _check_int('iters', iters, 0)
+    what = 'balanced_hierarchical_clustering'
+    _check_features('x', x, what)
+    check_int(cluster_size, 'cluster_size', what, 1)
+    check_int(iters, 'iters', what, 0)
     tau = float(tau)
     if not math.isfinite(tau):
-        raise ValueError(f'tau must be finite, got {tau}')
-    if _pick_compiled(impl, 'balanced_hierarchical_clustering', 'bhc_cluster', x):
+        raise ValueError(f'{what}: tau must be finite, got {tau}')
+    if use_compiled(impl, what, 'bhc_cluster', x.device, x.dtype):
         # The kernels read strided views (q sliced out of a qkv projection) without a copy.
         return torch.ops.mmboat.bhc_cluster(x.detach(), cluster_size, iters, tau)
     if torch.jit.is_tracing():  # one node that mmboat.ops.flops counts (FLOP analysis)
@@ -161,16 +113,16 @@ def _balanced_hierarchical_clustering(x: torch.Tensor, cluster_size: int, iters:
 
 def _check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             perm: torch.Tensor, cluster_size: int, overlap: int) -> None:
+    what = 'clustered_attention'
     for name, t in (('query', query), ('key', key), ('value', value)):
-        _check_features(name, t)
+        _check_features(name, t, what)
     if key.shape != query.shape or value.shape != query.shape:
         raise ValueError('query, key and value must have the same shape [B, heads, N, d], got '
                          f'{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}')
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise TypeError('query, key and value must have the same dtype, got '
                         f'{query.dtype}, {key.dtype} and {value.dtype}')
-    if not isinstance(perm, torch.Tensor):
-        raise TypeError(f'perm must be a tensor, got {type(perm).__name__}')
+    check_tensor(perm, 'perm', what)
     for name, t in (('key', key), ('value', value), ('perm', perm)):
         if t.device != query.device:
             raise ValueError(f'query and {name} must be on the same device, got '
@@ -180,8 +132,8 @@ def _check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch
     if tuple(perm.shape) != tuple(query.shape[:3]):
         raise ValueError(f'perm must have shape [B, heads, N] = {tuple(query.shape[:3])}, got '
                          f'shape {tuple(perm.shape)}')
-    _check_int('cluster_size', cluster_size, 1)
-    _check_int('overlap', overlap, 0)
+    check_int(cluster_size, 'cluster_size', what, 1)
+    check_int(overlap, 'overlap', what, 0)
     if overlap >= cluster_size:
         raise ValueError(f'overlap must be smaller than cluster_size, got overlap={overlap} '
                          f'and cluster_size={cluster_size}')
@@ -229,8 +181,8 @@ def _clustered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          scale: Optional[float], impl: Optional[str]) -> torch.Tensor:
     _check_attention_inputs(query, key, value, perm, cluster_size, overlap)
     scale = query.shape[-1]**-0.5 if scale is None else float(scale)
-    if _pick_compiled(impl, 'clustered_attention', 'clustered_attention_forward', query,
-                      _ATTENTION_DTYPES):
+    if use_compiled(impl, 'clustered_attention', 'clustered_attention_forward', query.device,
+                    query.dtype):
         out, _ = torch.ops.mmboat.clustered_attention_forward(query.contiguous(),
                                                               key.contiguous(),
                                                               value.contiguous(),
@@ -272,20 +224,17 @@ def feature_space_local_attention(query: torch.Tensor,
 # --- fake kernels and autograd of the compiled ops (torch.compile / opcheck) ---------------
 
 
-def _register_compiled_ops() -> None:
-    if _compiled_op('bhc_cluster') is not None:
+def _register_clustering() -> None:
 
-        @torch.library.register_fake('mmboat::bhc_cluster')
-        def _bhc_cluster_fake(x, cluster_size, iters, tau):
-            shape = x.shape[:3]
-            return (x.new_empty(shape, dtype=torch.int64), x.new_empty(shape,
-                                                                       dtype=torch.int64))
+    @torch.library.register_fake('mmboat::bhc_cluster')
+    def _bhc_cluster_fake(x, cluster_size, iters, tau):
+        shape = x.shape[:3]
+        return (x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=torch.int64))
 
-        register_autocast_kernels('clustering', ['bhc_cluster'])
+    register_autocast_kernels('clustering', ['bhc_cluster'])
 
-    if _compiled_op('clustered_attention_forward') is None or _compiled_op(
-            'clustered_attention_backward') is None:
-        return
+
+def _register_attention() -> None:
 
     @torch.library.register_fake('mmboat::clustered_attention_forward')
     def _forward_fake(query, key, value, perm, cluster_size, overlap, scale):
@@ -316,4 +265,7 @@ def _register_compiled_ops() -> None:
     register_autocast_kernels(_FAMILY, ['clustered_attention_forward'])
 
 
-_register_compiled_ops()
+register_op_family('clustering', ('bhc_cluster', ), _CLUSTERING_DTYPES, _register_clustering)
+register_op_family('clustered_attention',
+                   ('clustered_attention_forward', 'clustered_attention_backward'),
+                   _ATTENTION_DTYPES, _register_attention)

@@ -21,14 +21,14 @@ relative positional bias (rpb) index is ``(key' - query') + (k - 1)`` and the bi
 after scaling. Even kernels (``r`` keys left, ``r - 1`` right) are allowed without rpb only;
 causal windows are allowed without rpb only.
 """
-import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .autocast import call_with_policy, register_autocast_kernels
-from .ext_loader import ext_module, has_ext, missing_kernel, use_ext
+from .checks import FLOAT_DTYPES, check_float_tensors, check_tensor
+from .ext_loader import ext_module, op_available, register_op_family, use_compiled
 from .neighborhood_attention_reference import (na2d_av_reference, na2d_qk_reference,
                                                nand_reference)
 
@@ -40,56 +40,24 @@ BoolOrTuple = Union[bool, Sequence[bool]]
 # Autocast policy family of these ops (mmboat/ops/autocast.py): inputs and rpb in the autocast
 # dtype, float32 accumulation and log-sum-exp.
 _FAMILY = 'neighborhood_attention'
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_REGISTERED: List[str] = []  # op families with fake + autograd registered
 
 
 # ---------------------------------------------------------------------------------------------
-# Availability of the compiled ops.
+# Availability of the compiled ops (recorded by the dispatcher, mmboat/ops/ext_loader.py).
 # ---------------------------------------------------------------------------------------------
-_OP_NAMES = tuple(f'na{n}d_{kind}' for n in (1, 2, 3) for kind in ('forward', 'backward')) + (
-    'na2d_qk', 'na2d_qk_backward', 'na2d_av', 'na2d_av_backward')
-_KERNELS: Dict[Tuple[str, str], bool] = {}  # (op name, device type) -> kernel registered
-
-
-def _scan_kernels() -> None:
-    """Record once which compiled ops have CPU/CUDA kernels (a plain dict lookup later keeps
-    the dispatch decision traceable by torch.compile), and Meta kernels: the fake kernels
-    registered below also serve meta tensors, so these propagate shapes without computing."""
-    for name in _OP_NAMES:
-        family = 'na2d_qk/av' if name.startswith(('na2d_qk', 'na2d_av')) else name[:4]
-        for device_type, key in (('cpu', 'CPU'), ('cuda', 'CUDA'), ('meta', 'Meta')):
-            _KERNELS[(name, device_type)] = (
-                family in _REGISTERED
-                and torch._C._dispatch_has_kernel_for_dispatch_key(f'mmboat::{name}', key))
-
-
-def _op_has_kernel(name: str, device: torch.device) -> bool:
-    return _KERNELS.get((name, device.type), False)
+# dtypes the compiled kernels take per device (float64 accumulates in float64, the others in
+# float32); others run on the reference. 'meta': the fake kernels (shapes only).
+_KERNEL_DTYPES = {
+    'cpu': FLOAT_DTYPES,
+    'cuda': FLOAT_DTYPES,
+    'meta': FLOAT_DTYPES,
+}
 
 
 def neighborhood_attention_op_available(name: str = 'na2d_forward',
                                         device: Union[str, torch.device] = 'cpu') -> bool:
     """Whether the compiled op ``torch.ops.mmboat.<name>`` has a kernel for ``device``."""
-    return _op_has_kernel(name, torch.device(device))
-
-
-# dtypes the compiled kernels take per device (float64 accumulates in float64, the others in
-# float32); others run on the reference. 'meta': the fake kernels (shapes only).
-_KERNEL_DTYPES = {
-    'cpu': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    'cuda': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    'meta': (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
-
-
-def _use_compiled(impl: Optional[str], name: str, what: str, device: torch.device,
-                  dtype: torch.dtype) -> bool:
-    if not use_ext(impl, what):
-        return False
-    if _op_has_kernel(name, device) and dtype in _KERNEL_DTYPES.get(device.type, ()):
-        return True
-    return missing_kernel(impl, what, name, device, dtype)
+    return op_available(name, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,11 +78,6 @@ def _per_axis(value, n: int, name: str, kind: type) -> Tuple:
         if not ok:
             raise TypeError(f'{name} must hold {kind.__name__} values, got {value!r}')
     return values
-
-
-def _check_tensor(t, name: str, what: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f'{what}: {name} must be a Tensor, got {type(t).__name__}')
 
 
 def _check_config(what: str, n: int, spatial: Sequence[int], has_rpb: bool, kernel_size,
@@ -144,7 +107,7 @@ def _check_rpb(what: str, rpb: Optional[Tensor], heads: int, ks: Sequence[int],
                ref: Tensor) -> None:
     if rpb is None:
         return
-    _check_tensor(rpb, 'rpb', what)
+    check_tensor(rpb, 'rpb', what)
     expected = (heads, ) + tuple(2 * k - 1 for k in ks)
     if tuple(rpb.shape) != expected:
         raise ValueError(f'{what}: rpb must have shape (heads, 2k-1 per axis) = {expected}, '
@@ -156,21 +119,7 @@ def _check_rpb(what: str, rpb: Optional[Tensor], heads: int, ks: Sequence[int],
 
 
 def _check_qkv(what: str, n: int, tensors: Sequence[Tuple[str, Tensor]]) -> None:
-    name0, t0 = tensors[0]
-    for name, t in tensors:
-        _check_tensor(t, name, what)
-        if t.dim() != n + 3:
-            raise ValueError(f'{what}: {name} must be [B, heads, {n} spatial dims, head_dim] '
-                             f'({n + 3} dims), got shape {tuple(t.shape)}')
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f'{what}: {name} must be a floating tensor '
-                            f'({", ".join(str(d) for d in _FLOAT_DTYPES)}), got {t.dtype}')
-        if t.dtype != t0.dtype:
-            raise TypeError(f'{what}: {name0} and {name} dtypes differ: {t0.dtype} vs {t.dtype}')
-        if t.device != t0.device:
-            raise ValueError(f'{what}: {name0} is on {t0.device}, {name} on {t.device}')
-        if t.shape[-1] == 0:
-            raise ValueError(f'{what}: {name} has head_dim 0, shape {tuple(t.shape)}')
+    check_float_tensors(what, n + 3, f'[B, heads, {n} spatial dims, head_dim]', tensors)
 
 
 def _check_same_shape(what: str, a: Tuple[str, Tensor], b: Tuple[str, Tensor]) -> None:
@@ -195,7 +144,7 @@ def _nand(n: int, query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tenso
     if scale is None:
         scale = query.shape[-1]**-0.5
     scale = float(scale)
-    if not _use_compiled(impl, f'na{n}d_forward', what, query.device, query.dtype):
+    if not use_compiled(impl, what, f'na{n}d_forward', query.device, query.dtype):
         return nand_reference(query, key, value, rpb, ks, ds, cs, scale)
     args = (query.contiguous(), key.contiguous(), value.contiguous(),
             None if rpb is None else rpb.contiguous(), list(ks), list(ds), list(cs), scale)
@@ -305,7 +254,7 @@ def _na2d_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor], kernel_size, dil
     ks, ds, cs = _check_config(what, 2, tuple(query.shape[2:4]), rpb is not None, kernel_size,
                                dilation, is_causal)
     _check_rpb(what, rpb, query.shape[1], ks, query)
-    if not _use_compiled(impl, 'na2d_qk', what, query.device, query.dtype):
+    if not use_compiled(impl, what, 'na2d_qk', query.device, query.dtype):
         return na2d_qk_reference(query, key, rpb, ks, ds, cs)
     return torch.ops.mmboat.na2d_qk(query.contiguous(), key.contiguous(),
                                     None if rpb is None else rpb.contiguous(), list(ks),
@@ -334,7 +283,7 @@ def _na2d_av(attn: Tensor, value: Tensor, kernel_size, dilation, is_causal,
              impl: Optional[str]) -> Tensor:
     what = 'na2d_av'
     _check_qkv(what, 2, [('value', value)])
-    _check_tensor(attn, 'attn', what)
+    check_tensor(attn, 'attn', what)
     ks, ds, cs = _check_config(what, 2, tuple(value.shape[2:4]), False, kernel_size, dilation,
                                is_causal)
     expected = tuple(value.shape[:4]) + (ks[0] * ks[1], )
@@ -345,7 +294,7 @@ def _na2d_av(attn: Tensor, value: Tensor, kernel_size, dilation, is_causal,
         raise TypeError(f'{what}: attn and value dtypes differ: {attn.dtype} vs {value.dtype}')
     if attn.device != value.device:
         raise ValueError(f'{what}: attn is on {attn.device}, value on {value.device}')
-    if not _use_compiled(impl, 'na2d_av', what, value.device, value.dtype):
+    if not use_compiled(impl, what, 'na2d_av', value.device, value.dtype):
         return na2d_av_reference(attn, value, ks, ds, cs)
     return torch.ops.mmboat.na2d_av(attn.contiguous(), value.contiguous(), list(ks), list(ds),
                                     list(cs))
@@ -384,6 +333,7 @@ def _register_fused(n: int) -> None:
         return dq, dk, dv, drpb, None, None, None, None
 
     torch.library.register_autograd(fwd_name, _backward, setup_context=_setup)
+    register_autocast_kernels(_FAMILY, [f'na{n}d_forward'])
     _FORWARD_OPS[n] = getattr(torch.ops.mmboat, f'na{n}d_forward').default
 
 
@@ -438,36 +388,19 @@ def _register_unfused() -> None:
 
     torch.library.register_autograd('mmboat::na2d_qk', _qk_backward, setup_context=_qk_setup)
     torch.library.register_autograd('mmboat::na2d_av', _av_backward, setup_context=_av_setup)
+    register_autocast_kernels(_FAMILY, ['na2d_qk', 'na2d_av'])
 
 
-def _register_all() -> List[str]:
-    registered = []
-    if not has_ext():
-        return registered
-    for n in (1, 2, 3):
-        if hasattr(torch.ops.mmboat, f'na{n}d_forward') and hasattr(torch.ops.mmboat,
-                                                                    f'na{n}d_backward'):
-            _register_fused(n)
-            registered.append(f'na{n}d')
-    if len(registered) == 3:
+def _register_all() -> None:
+    """Register each family of compiled NA ops present in the extension with the dispatcher."""
+    fused = [
+        register_op_family(f'na{n}d', (f'na{n}d_forward', f'na{n}d_backward'), _KERNEL_DTYPES,
+                           lambda n=n: _register_fused(n)) for n in (1, 2, 3)
+    ]
+    if all(fused):
         _EAGER_FUSED[0] = getattr(ext_module(), 'na_fused', None)
-    names = ('na2d_qk', 'na2d_qk_backward', 'na2d_av', 'na2d_av_backward')
-    if all(hasattr(torch.ops.mmboat, name) for name in names):
-        _register_unfused()
-        registered.append('na2d_qk/av')
-    forward_ops = [f'{family}_forward' for family in registered if family.endswith('d')]
-    if 'na2d_qk/av' in registered:
-        forward_ops += ['na2d_qk', 'na2d_av']
-    register_autocast_kernels(_FAMILY, forward_ops)
-    return registered
+    register_op_family('na2d_qk/av', ('na2d_qk', 'na2d_qk_backward', 'na2d_av',
+                                      'na2d_av_backward'), _KERNEL_DTYPES, _register_unfused)
 
 
-try:
-    _REGISTERED.extend(_register_all())
-    _scan_kernels()
-except Exception as exc:  # never fail at import; the reference path still works
-    _REGISTERED.clear()
-    _KERNELS.clear()
-    _EAGER_FUSED[0] = None
-    warnings.warn(f'mmboat: registering the neighborhood-attention ops failed ({exc}); '
-                  'they run on the pure-PyTorch reference', RuntimeWarning)
+_register_all()

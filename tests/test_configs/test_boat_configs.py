@@ -17,11 +17,11 @@ ARCHS = ('tiny', 'small', 'base')
 # Small 4-stage archs of each family for CPU training steps (widths 16, 32, 64, 128).
 SMALL_BACKBONES = {
     'boat_swin': dict(arch=dict(embed_dims=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4]),
-                      window_size=3, img_size=64, fsla_cluster_size=8, fsla_overlap=2,
+                      window_size=3, img_size=64, fsla_cfg=dict(cluster_size=8, overlap=2),
                       init_cfg=None),
     'boat_cswin': dict(arch=dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[2, 2, 4, 4],
                                  stripe_widths=[1, 2, 3, 3]),
-                       fsla_cluster_size=8, fsla_overlap=2, init_cfg=None),
+                       fsla_cfg=dict(cluster_size=8, overlap=2), init_cfg=None),
 }
 
 
@@ -55,7 +55,7 @@ def test_config_loads_and_builds(path):
     arch = backbone_cfg.arch
     assert arch in ARCHS and f'-{arch}_' in osp.basename(path)
     if family(path) == 'boat_cswin':
-        assert backbone_cfg.fsla_qk_scale == 1.0  # what the released weights need
+        assert backbone_cfg.fsla_cfg.qk_scale == 1.0  # what the released weights need
     if task != 'cls':
         assert backbone_cfg.out_indices == (0, 1, 2, 3)
         assert backbone_cfg.init_cfg.type == 'Pretrained'

@@ -111,7 +111,7 @@ def test_backbones_log_once_per_distinct_answer(monkeypatch, no_ops_env):
         assert records.lines[-1].startswith('mmboat ops') and records.lines[-1].endswith(
             "impl='reference' (model argument): the reference is forced")
         swin = dict(arch=dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)),
-                    window_size=4, img_size=64, fsla_cluster_size=8, fsla_overlap=3)
+                    window_size=4, img_size=64, fsla_cfg=dict(cluster_size=8, overlap=3))
         count = len(records.lines)
         BOATSwinTransformer(**swin)
         assert records.lines[count:] == [describe_ops_impl([FSLA])]

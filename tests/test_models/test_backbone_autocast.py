@@ -26,12 +26,12 @@ BUILDERS = {
                            drop_path_rate=0.),
     'boat-swin': lambda: BOATSwinTransformer(
         arch=dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)), window_size=4,
-        img_size=64, drop_path_rate=0., out_indices=(0, 1, 2, 3), fsla_cluster_size=8,
-        fsla_overlap=3),
+        img_size=64, drop_path_rate=0., out_indices=(0, 1, 2, 3),
+        fsla_cfg=dict(cluster_size=8, overlap=3)),
     'boat-cswin': lambda: BOATCSWinTransformer(
         arch=dict(embed_dims=16, depths=(1, 2, 2, 1), num_heads=(2, 2, 4, 4),
                   stripe_widths=(1, 2, 3, 3)), drop_path_rate=0., out_indices=(0, 1, 2, 3),
-        fsla_cluster_size=8, fsla_overlap=3),
+        fsla_cfg=dict(cluster_size=8, overlap=3)),
 }
 
 
@@ -53,7 +53,9 @@ def _loss_and_grads(model, x, weights):
 def test_backbone_bfloat16_autocast_matches_float32(name, impl, monkeypatch):
     monkeypatch.setenv('MMBOAT_OPS_IMPL', impl)
     torch.manual_seed(0)
-    model = BUILDERS[name]().train()
+    model = BUILDERS[name]()
+    model.init_weights()  # the initialisation a runner applies
+    model.train()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         shapes = [o.shape for o in model(x)]

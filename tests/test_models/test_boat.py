@@ -16,20 +16,24 @@ from mmboat.registry import MODELS
 SWIN_SMALL_ARCH = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
 CSWIN_SMALL_ARCH = dict(embed_dims=16, depths=(1, 2, 2, 1), num_heads=(2, 2, 4, 4),
                         stripe_widths=(1, 2, 3, 3))
-FSLA_SMALL = dict(fsla_cluster_size=8, fsla_overlap=3)
+FSLA_SMALL = dict(fsla_cfg=dict(cluster_size=8, overlap=3))
 
 
 def small_swin(**kwargs):
     cfg = dict(arch=SWIN_SMALL_ARCH, window_size=4, img_size=64, drop_path_rate=0.,
                out_indices=(0, 1, 2, 3), **FSLA_SMALL)
     cfg.update(kwargs)
-    return BOATSwinTransformer(**cfg)
+    model = BOATSwinTransformer(**cfg)
+    model.init_weights()  # as a runner does
+    return model
 
 
 def small_cswin(**kwargs):
     cfg = dict(arch=CSWIN_SMALL_ARCH, drop_path_rate=0., out_indices=(0, 1, 2, 3), **FSLA_SMALL)
     cfg.update(kwargs)
-    return BOATCSWinTransformer(**cfg)
+    model = BOATCSWinTransformer(**cfg)
+    model.init_weights()
+    return model
 
 
 BUILDERS = {'swin': small_swin, 'cswin': small_cswin}
@@ -283,7 +287,7 @@ def test_frozen_stages(name, frozen_stages):
 def test_bad_frozen_stages_and_arch_messages():
     with pytest.raises(ValueError, match='frozen_stages'):
         small_swin(frozen_stages=5)
-    with pytest.raises(KeyError, match='not in default archs'):
+    with pytest.raises(ValueError, match='not in the arch zoo'):
         BOATSwinTransformer(arch='huge')
     with pytest.raises(ValueError, match=r"missing \['num_heads'\]"):
         BOATSwinTransformer(arch=dict(embed_dims=16, depths=(2, 2, 2, 2)))
@@ -325,6 +329,7 @@ def test_pretrained_init_cfg(name, tmp_path):
 def test_registry_and_fp16_safe():
     model = MODELS.build(dict(type='BOATSwinTransformer', arch=SWIN_SMALL_ARCH, window_size=4,
                               img_size=64, out_indices=(0, 3), **FSLA_SMALL))
+    model.init_weights()
     model.eval()
     assert isinstance(MODELS.build(dict(type='mmboat.BOATCSWinTransformer', arch=CSWIN_SMALL_ARCH,
                                         **FSLA_SMALL)), BOATCSWinTransformer)
@@ -348,14 +353,14 @@ def test_fsla_placement_and_switches():
     assert block.shift and hasattr(block, 'attnC') and hasattr(block, 'norm4')
     assert isinstance(block.fsla_drop_path, torch.nn.Identity)
     assert not hasattr(model.layers[0].blocks[0], 'attnC')
-    assert small_swin(fsla_drop_path=True, drop_path_rate=0.2).layers[1].blocks[1] \
+    assert small_swin(fsla_cfg=dict(cluster_size=8, overlap=3, drop_path=True), drop_path_rate=0.2).layers[1].blocks[1] \
         .fsla_drop_path.drop_prob > 0
-    assert small_swin(fsla_qk_scale=1.).layers[0].blocks[1].attnC.scale == 1.
+    assert small_swin(fsla_cfg=dict(cluster_size=8, overlap=3, qk_scale=1.)).layers[0].blocks[1].attnC.scale == 1.
     cswin = small_cswin(drop_path_rate=0.2)
     assert cswin.fsla_blocks == ((0, ), (0, ), (0, ), (0, ))
     assert cswin.stage2[0].content_attn.scale == 1.  # the released BOAT-CSWin scale
     assert cswin.stage4[0].fsla_drop_path.drop_prob > 0
-    assert small_cswin(fsla_qk_scale=None).stage2[0].content_attn.scale == 16**-0.5  # C=32, 2 heads
+    assert small_cswin(fsla_cfg=dict(cluster_size=8, overlap=3, qk_scale=None)).stage2[0].content_attn.scale == 16**-0.5  # C=32, 2 heads
     assert len(cswin.stage4[0].attns) == 1 and len(cswin.stage3[0].attns) == 2
     assert [a.direction for a in cswin.stage1[0].attns] == ['vertical', 'horizontal']
 

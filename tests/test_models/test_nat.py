@@ -85,7 +85,8 @@ def test_named_schedule_needs_tiling_depths():
     with pytest.raises(ValueError, match=r"schedule 'coco': stage 2 pattern .* does not tile 4"):
         NAT(arch=dict(SMALL_ARCH, depths=[3, 4, 4, 5]), dilations='coco')
     with pytest.raises(ValueError, match='has 4 stages but the arch has 2'):
-        NAT(arch=dict(SMALL_ARCH, depths=[3, 4], num_heads=[1, 2]), dilations='imagenet')
+        NAT(arch=dict(SMALL_ARCH, depths=[3, 4], num_heads=[1, 2]), dilations='imagenet',
+            out_indices=(1, ))  # a valid output, so that only the schedule is wrong
 
 
 @pytest.mark.parametrize('arch, message', [

@@ -28,12 +28,13 @@ def nat(**kwargs):
 
 
 def swin(**kwargs):
-    return BOATSwinTransformer(arch=SWIN_ARCH, window_size=4, img_size=64, fsla_cluster_size=8,
-                               fsla_overlap=3, **kwargs)
+    return BOATSwinTransformer(arch=SWIN_ARCH, window_size=4, img_size=64,
+                               fsla_cfg=dict(cluster_size=8, overlap=3), **kwargs)
 
 
 def cswin(**kwargs):
-    return BOATCSWinTransformer(arch=CSWIN_ARCH, fsla_cluster_size=8, fsla_overlap=3, **kwargs)
+    return BOATCSWinTransformer(arch=CSWIN_ARCH, fsla_cfg=dict(cluster_size=8, overlap=3),
+                                **kwargs)
 
 
 def _randomised(model):
@@ -224,10 +225,10 @@ def _classifier(family):
 
     backbone = {'nat': dict(type='mmboat.NAT', arch=deepcopy(NAT_ARCH), kernel_size=3),
                 'boat_swin': dict(type='mmboat.BOATSwinTransformer', arch=SWIN_ARCH,
-                                  window_size=4, img_size=64, fsla_cluster_size=8,
-                                  fsla_overlap=3),
+                                  window_size=4, img_size=64,
+                                  fsla_cfg=dict(cluster_size=8, overlap=3)),
                 'boat_cswin': dict(type='mmboat.BOATCSWinTransformer', arch=CSWIN_ARCH,
-                                   fsla_cluster_size=8, fsla_overlap=3)}[family]
+                                   fsla_cfg=dict(cluster_size=8, overlap=3))}[family]
     return MODELS.build(dict(type='ImageClassifier', backbone=backbone,
                              neck=dict(type='GlobalAveragePooling'),
                              head=dict(type='LinearClsHead', num_classes=10, in_channels=128)))

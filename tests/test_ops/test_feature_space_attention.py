@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from mmboat.ops import (balanced_hierarchical_clustering, cluster_layout, clustered_attention,
                         feature_space_local_attention)
-from mmboat.ops.feature_space_attention import _has_kernel
+from mmboat.ops.ext_loader import op_available
 
-HAS_CLUSTER_OP = _has_kernel('bhc_cluster', torch.device('cpu'))
-HAS_ATTENTION_OP = _has_kernel('clustered_attention_forward', torch.device('cpu'))
+HAS_CLUSTER_OP = op_available('bhc_cluster', 'cpu')
+HAS_ATTENTION_OP = op_available('clustered_attention_forward', 'cpu')
 needs_cluster_op = pytest.mark.skipif(not HAS_CLUSTER_OP, reason='mmboat::bhc_cluster not built')
 needs_attention_op = pytest.mark.skipif(
     not HAS_ATTENTION_OP, reason='mmboat::clustered_attention_forward not built')

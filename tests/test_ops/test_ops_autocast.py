@@ -16,7 +16,7 @@ import torch
 from mmboat.ops import (balanced_hierarchical_clustering, clustered_attention, na1d, na2d,
                         na2d_av, na2d_qk, na3d, neighborhood_attention_op_available)
 from mmboat.ops.autocast import cast_inputs, compute_dtype
-from mmboat.ops.feature_space_attention import _has_kernel
+from mmboat.ops.ext_loader import op_available
 from mmboat.ops.feature_space_attention_reference import (
     balanced_hierarchical_clustering_reference, clustered_attention_reference)
 from mmboat.ops.neighborhood_attention_reference import (nand_av_reference, nand_qk_reference,
@@ -24,7 +24,7 @@ from mmboat.ops.neighborhood_attention_reference import (nand_av_reference, nand
 
 HAS_NA = neighborhood_attention_op_available('na2d_forward', 'cpu')
 HAS_UNFUSED = neighborhood_attention_op_available('na2d_qk', 'cpu')
-HAS_FSLA = _has_kernel('clustered_attention_forward', torch.device('cpu'))
+HAS_FSLA = op_available('clustered_attention_forward', 'cpu')
 NA_IMPLS = ['reference', pytest.param('ext', marks=pytest.mark.skipif(
     not HAS_NA, reason='mmboat._ext lacks the NA CPU ops'))]
 UNFUSED_IMPLS = ['reference', pytest.param('ext', marks=pytest.mark.skipif(
@@ -233,13 +233,11 @@ def test_tensors_on_a_device_without_kernels_fall_back_with_one_warning(monkeypa
     op and runs the reference on that device."""
     import warnings
 
-    import mmboat.ops.feature_space_attention as fsla_ops
-    import mmboat.ops.neighborhood_attention as na_ops
     from mmboat.ops import ext_loader
 
     monkeypatch.setattr(ext_loader, '_warned_missing_kernel', set())
-    monkeypatch.setitem(na_ops._KERNELS, ('na2d_forward', 'meta'), False)
-    monkeypatch.setattr(fsla_ops, '_DISPATCH_KEYS', {'cpu': 'CPU', 'cuda': 'CUDA'})
+    for name in ('na2d_forward', 'bhc_cluster', 'clustered_attention_forward'):
+        monkeypatch.setitem(ext_loader._KERNELS, (name, 'meta'), False)
     q = torch.empty(1, 2, 9, 9, 8, device='meta')
     rpb = torch.empty(2, 5, 5, device='meta')
     x = torch.empty(1, 2, 60, 8, device='meta')

@@ -214,7 +214,7 @@ def test_benchmark_two_ranks(tmp_path):
 
 
 def test_time_rounds_rewarm_and_settle():
-    from mmboat.utils.timing import time_rounds
+    time_rounds = load_tool('analysis_tools/_timing.py').time_rounds
     calls = []
     times = time_rounds({'a': lambda: calls.append('a')}, repeats=3, warmup=1, rewarm=1)
     assert len(times['a']) == 3 and len(calls) == 1 + 3 * 2  # warmup + (re-warm + timed)

@@ -149,7 +149,7 @@ def test_boat_swin_converter_strict_load_and_cli(tmp_path):
     state = loaded['state_dict']
     assert not [k for k in state if 'relative_position_index' in k or 'attn_mask' in k]
     model = BOATSwinTransformer(arch=SWIN_SMALL, window_size=2, img_size=64,
-                                fsla_cluster_size=8, fsla_overlap=2)
+                                fsla_cfg=dict(cluster_size=8, overlap=2))
     model.load_state_dict(backbone_part(state), strict=True)
     assert set(state) - {'backbone.' + k for k in model.state_dict()} == {
         'head.fc.weight', 'head.fc.bias'}
@@ -169,7 +169,7 @@ def test_boat_swin_converter_into_mmpretrain_classifier(tmp_path):
         classifier = MODELS.build(dict(
             type='ImageClassifier',
             backbone=dict(type='mmboat.BOATSwinTransformer', arch=SWIN_SMALL, window_size=2,
-                          img_size=64, fsla_cluster_size=8, fsla_overlap=2),
+                          img_size=64, fsla_cfg=dict(cluster_size=8, overlap=2)),
             neck=dict(type='GlobalAveragePooling'),
             head=dict(type='LinearClsHead', num_classes=10, in_channels=128)))
     classifier.load_state_dict(state, strict=True)
@@ -211,7 +211,7 @@ def test_boat_cswin_converter_strict_load_and_ema(tmp_path):
             'backbone.stage3.0.content_attn.qkv.weight':
             weights['stage3.0.content_attn.qkv.weight']})
         assert loaded['meta']['weights'] == ('state_dict_ema' if use_ema else 'state_dict')
-        model = BOATCSWinTransformer(arch=CSWIN_SMALL, fsla_cluster_size=8, fsla_overlap=2)
+        model = BOATCSWinTransformer(arch=CSWIN_SMALL, fsla_cfg=dict(cluster_size=8, overlap=2))
         model.load_state_dict(backbone_part(loaded['state_dict']), strict=True)
 
 

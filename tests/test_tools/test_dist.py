@@ -62,7 +62,7 @@ def _check_env_printout(log: str, world_size: int) -> None:
     if torch.cuda.is_available():
         assert env['Device'].startswith('cuda (') and env['GPU number'] == str(world_size)
     else:
-        assert env['Device'] == f'cpu (1 torch thread per process)', env
+        assert env['Device'] == 'cpu (1 torch thread per process)', env
         assert env['GPU number'] == '0'
         assert 'nccl' not in log.split('Config:', 1)[0]
     ops = [line for line in log.splitlines() if 'mmboat ops (' in line]

@@ -64,7 +64,10 @@ from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+# The repository root (mmboat without installing it) and this folder (the tools' timing helper),
+# also when the script is imported by path.
 sys.path.insert(0, ROOT)
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 from mmboat.engine.runner_setup import (  # noqa: E402  (imports nothing heavy)
     add_launcher_args,
@@ -448,7 +451,7 @@ def run_row(spec: dict) -> dict:
     Returns:
         dict: ``times`` (seconds per step), ``peak_bytes``, ``params``, ``shape``, ``notes``.
     """
-    from mmboat.utils.timing import time_rounds
+    from _timing import time_rounds
 
     sync = _sync(spec['device'])
     import_libraries(spec)  # before the memory baseline: imports are not the model's memory
@@ -547,7 +550,7 @@ def run(args: argparse.Namespace, device: str, threads: int) -> List[Dict[str, o
                 result = run_in_fresh_process(spec)
                 rows.append(make_row(spec, result, result['times'], run_index))
         return rows
-    from mmboat.utils.timing import time_rounds
+    from _timing import time_rounds
 
     # Memory first, each row in a fresh process running its warm-up (at least one step).
     measured = [run_in_fresh_process(dict(spec, iters=0, warmup=max(spec['warmup'], 1)))

@@ -15,7 +15,9 @@ Example:
 """
 import argparse
 import math
+import os.path as osp
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -25,7 +27,9 @@ import torch.nn.functional as F
 
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
 from mmboat.ops import balanced_hierarchical_clustering, clustered_attention, has_ext
-from mmboat.utils.timing import time_rounds
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the tools' timing helper
+from _timing import time_rounds  # noqa: E402
 
 
 class FSLALayer(FeatureSpaceLocalAttention):

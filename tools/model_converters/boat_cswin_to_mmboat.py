@@ -10,8 +10,8 @@ names plus FSLA sub-layers ``stage{k}.{j}.{norm3, content_attn.{qkv, proj, get_v
 * the final ``norm`` -> ``backbone.norm3`` (output norm of the last stage, ``out_indices=(3, )``);
   ``head`` -> ``head.fc`` (mmpretrain's ``LinearClsHead`` after a ``GlobalAveragePooling`` neck).
 
-The released weights were trained with FSLA logit scale 1.0: keep ``fsla_qk_scale=1.0`` (the
-``BOATCSWinTransformer`` default) when using them. The output is
+The released weights were trained with FSLA logit scale 1.0: keep ``fsla_cfg=dict(qk_scale=1.0)``
+(the ``BOATCSWinTransformer`` default) when using them. The output is
 ``{'state_dict': {name: Tensor}, 'meta': {str: str|int}}`` and loads with
 ``torch.load(path, weights_only=True)``.
 

@@ -11,16 +11,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
-from mmengine.model import BaseModule
 
 from mmboat.models.layers.cswin_attention import StripeAttention
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
-from mmboat.models.utils import DropPath, FrozenStagesMixin, PretrainedMixin, layer_depth
+from mmboat.models.utils import (MLP, DropPath, FSLABackboneMixin, HierarchicalBackbone,
+                                 checkpoint_forward, linear_drop_path)
 from mmboat.ops.ext_loader import log_ops_impl
 from mmboat.registry import MODELS
-from .boat_swin import (MLP, _check_fsla_blocks, _check_out_indices, _init_module,
-                        _linear_drop_path, check_arch)
 
 __all__ = ['BOATCSWinTransformer', 'BOATCSWinBlock']
 
@@ -29,8 +26,8 @@ class ConvEmbed(nn.Module):
     """CSWin's stem ``stage1_conv_embed``: ``conv`` 7x7 stride 4 padding 2, then ``norm``.
 
     Args:
-        in_channels: image channels.
-        embed_dims: output channels C.
+        in_channels (int): Image channels.
+        embed_dims (int): Output channels C.
     """
 
     def __init__(self, in_channels: int, embed_dims: int) -> None:
@@ -52,8 +49,8 @@ class MergeBlock(nn.Module):
     """CSWin's ``merge{k}``: ``conv`` 3x3 stride 2 padding 1 (C -> 2C), then ``norm``.
 
     Args:
-        in_dims: input channels.
-        out_dims: output channels.
+        in_dims (int): Input channels.
+        out_dims (int): Output channels.
     """
 
     def __init__(self, in_dims: int, out_dims: int) -> None:
@@ -78,25 +75,23 @@ class BOATCSWinBlock(nn.Module):
     ``x += [DropPath](content_attn(norm3(x)))``; ``x += DropPath(mlp(norm2(x)))``.
 
     Args:
-        embed_dims: channels C.
-        num_heads: heads (even unless ``last_stage``).
-        stripe_width: stripe width.
-        last_stage: attend over the whole map with one branch. Defaults to False.
-        mlp_ratio: MLP hidden ratio. Defaults to 4.
-        qkv_bias: bias in the qkv projections. Defaults to True.
-        qk_scale: stripe attention logit scale (None: ``head_dim ** -0.5``). Defaults to None.
-        drop_rate: dropout after projections. Defaults to 0.
-        attn_drop_rate: stripe attention dropout. Defaults to 0.
-        drop_path_rate: stochastic depth of this block. Defaults to 0.
-        with_fsla: add ``norm3``/``content_attn``. Defaults to False.
-        fsla_cluster_size: FSLA cluster size. Defaults to 49.
-        fsla_overlap: FSLA sibling overlap. Defaults to 20.
-        fsla_iters: FSLA clustering iterations. Defaults to 2.
-        fsla_tau: FSLA inverse temperature. Defaults to 100.
-        fsla_qk_scale: FSLA logit scale (None: ``head_dim ** -0.5``). Defaults to 1.0, the scale
-            the released BOAT-CSWin weights were trained with.
-        fsla_drop_path: DropPath on the FSLA residual (released BOAT-CSWin: yes). Defaults to True.
-        with_cp: activation checkpointing. Defaults to False.
+        embed_dims (int): Channels C.
+        num_heads (int): Heads (even unless ``last_stage``).
+        stripe_width (int): Stripe width.
+        last_stage (bool): Attend over the whole map with one branch. Defaults to False.
+        mlp_ratio (float): MLP hidden ratio. Defaults to 4.
+        qkv_bias (bool): Bias in the qkv projections. Defaults to True.
+        qk_scale (float, optional): Stripe attention logit scale (None: ``head_dim ** -0.5``).
+            Defaults to None.
+        drop_rate (float): Dropout after projections. Defaults to 0.
+        attn_drop_rate (float): Stripe attention dropout. Defaults to 0.
+        drop_path_rate (float): Stochastic depth of this block. Defaults to 0.
+        fsla_cfg (dict, optional): The FSLA sub-layer (``norm3``/``content_attn``): the complete
+            settings of :func:`~mmboat.models.layers.resolve_fsla_cfg`; None for a block without
+            FSLA. Defaults to None.
+        with_cp (bool): Activation checkpointing. Defaults to False.
+        impl (str, optional): FSLA op implementation (``'auto'``, ``'ext'``, ``'reference'``;
+            None reads ``MMBOAT_OPS_IMPL``). Defaults to None.
     """
 
     def __init__(self,
@@ -110,19 +105,14 @@ class BOATCSWinBlock(nn.Module):
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.,
-                 with_fsla: bool = False,
-                 fsla_cluster_size: int = 49,
-                 fsla_overlap: int = 20,
-                 fsla_iters: int = 2,
-                 fsla_tau: float = 100.,
-                 fsla_qk_scale: Optional[float] = 1.,
-                 fsla_drop_path: bool = True,
-                 with_cp: bool = False) -> None:
+                 fsla_cfg: Optional[dict] = None,
+                 with_cp: bool = False,
+                 impl: Optional[str] = None) -> None:
         super().__init__()
         if not last_stage and (num_heads % 2 or embed_dims % 2):
             raise ValueError('cross-shaped attention splits heads and channels in two halves; '
                              f'got num_heads={num_heads}, embed_dims={embed_dims}')
-        self.with_fsla = with_fsla
+        self.with_fsla = fsla_cfg is not None
         self.with_cp = with_cp
         self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
         self.norm1 = nn.LayerNorm(embed_dims)
@@ -138,12 +128,13 @@ class BOATCSWinBlock(nn.Module):
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(drop_rate)
         self.drop_path = DropPath(drop_path_rate)
-        if with_fsla:
+        if fsla_cfg is not None:
+            fsla_cfg = dict(fsla_cfg)
+            fsla_drop_path = fsla_cfg.pop('drop_path', False)
             self.norm3 = nn.LayerNorm(embed_dims)
             self.content_attn = FeatureSpaceLocalAttention(
-                embed_dims, num_heads, cluster_size=fsla_cluster_size, overlap=fsla_overlap,
-                iters=fsla_iters, tau=fsla_tau, qkv_bias=qkv_bias, qk_scale=fsla_qk_scale,
-                proj_drop=drop_rate)
+                embed_dims, num_heads, qkv_bias=qkv_bias, proj_drop=drop_rate, impl=impl,
+                **fsla_cfg)
             self.fsla_drop_path = DropPath(drop_path_rate) if fsla_drop_path else nn.Identity()
         self.norm2 = nn.LayerNorm(embed_dims)
         self.mlp = MLP(embed_dims, int(embed_dims * mlp_ratio), drop_rate)
@@ -166,13 +157,11 @@ class BOATCSWinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
         """``[B, H*W, C]`` -> ``[B, H*W, C]``."""
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._forward, x, hw_shape, use_reentrant=False)
-        return self._forward(x, hw_shape)
+        return checkpoint_forward(self._forward, self.with_cp, x, hw_shape)
 
 
 @MODELS.register_module()
-class BOATCSWinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
+class BOATCSWinTransformer(FSLABackboneMixin, HierarchicalBackbone):
     """BOAT-CSWin backbone.
 
     CSWin Transformer with a feature-space local attention sub-layer (``norm3``/
@@ -180,32 +169,39 @@ class BOATCSWinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
     stage (14 FSLA modules in tiny, 20 in small/base), as in the released BOAT-CSWin.
 
     Args:
-        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict with keys ``embed_dims``,
-            ``depths``, ``num_heads`` and ``stripe_widths``. Defaults to ``'tiny'``.
-        in_channels: image channels. Defaults to 3.
-        mlp_ratio: MLP hidden ratio. Defaults to 4.
-        qkv_bias: bias in qkv projections. Defaults to True.
-        qk_scale: stripe-attention logit scale (None: ``head_dim ** -0.5``). Defaults to None.
-        drop_rate: dropout after projections. Defaults to 0.
-        attn_drop_rate: stripe attention dropout. Defaults to 0.
-        drop_path_rate: stochastic depth, linear from 0 over all blocks. Defaults to 0.1.
-        out_indices: stages whose outputs are returned (NCHW, strides 4/8/16/32), each through its
-            own ``norm{i}`` LayerNorm. Defaults to ``(3, )``.
-        frozen_stages: -1 freezes nothing, 0 the stem (``stage1_conv_embed``), k >= 1 the stem and
-            stages 0..k-1 (with their ``merge`` layers and output norms). Defaults to -1.
-        norm_eval: keep norm layers in eval mode while training. Defaults to False.
-        with_cp: activation checkpointing per block. Defaults to False.
-        fsla_blocks: block indices with FSLA for each stage; None is the released placement
-            (even-index blocks of every stage). Defaults to None.
-        fsla_cluster_size: FSLA cluster size m. Defaults to 49.
-        fsla_overlap: FSLA sibling overlap o. Defaults to 20.
-        fsla_iters: FSLA clustering iterations. Defaults to 2.
-        fsla_tau: FSLA inverse temperature. Defaults to 100.
-        fsla_qk_scale: FSLA logit scale; None is ``head_dim ** -0.5``. Defaults to 1.0, the
-            scale the released BOAT-CSWin weights were trained with (a bug of the released code
-            that those weights need).
-        fsla_drop_path: DropPath on the FSLA residual (released: yes). Defaults to True.
-        init_cfg: mmengine init config;
+        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'`` or a dict with the keys
+            ``embed_dims`` (int), ``depths``, ``num_heads`` and ``stripe_widths`` (list[int]).
+            Defaults to ``'tiny'``.
+        in_channels (int): Image channels. Defaults to 3.
+        mlp_ratio (float): MLP hidden ratio. Defaults to 4.
+        qkv_bias (bool): Bias in qkv projections. Defaults to True.
+        qk_scale (float, optional): Stripe-attention logit scale (None: ``head_dim ** -0.5``).
+            Defaults to None.
+        drop_rate (float): Dropout after projections. Defaults to 0.
+        attn_drop_rate (float): Stripe attention dropout. Defaults to 0.
+        drop_path_rate (float): Stochastic depth, linear from 0 over all blocks.
+            Defaults to 0.1.
+        out_indices (int | Sequence[int]): Stages whose outputs are returned (NCHW, strides
+            4/8/16/32), each through its own ``norm{i}`` LayerNorm; negative counts from the end.
+            Defaults to ``(3, )``.
+        frozen_stages (int): -1 freezes nothing, 0 the stem (``stage1_conv_embed``), k >= 1 the
+            stem and stages 0..k-1 (with their ``merge`` layers and output norms).
+            Defaults to -1.
+        norm_eval (bool): Keep norm layers in eval mode while training. Defaults to False.
+        with_cp (bool): Activation checkpointing per block. Defaults to False.
+        fsla_blocks (Sequence[Sequence[int]], optional): Block indices with FSLA for each
+            stage; None is the released placement (even-index blocks of every stage).
+            Defaults to None.
+        fsla_cfg (dict, optional): FSLA settings over :attr:`default_fsla_cfg`: the
+            :class:`FeatureSpaceLocalAttention` arguments ``cluster_size``, ``overlap``,
+            ``iters``, ``tau``, ``qk_scale`` and ``drop_path`` (DropPath on the FSLA residual).
+            The defaults are what the released BOAT-CSWin weights need: ``qk_scale=1.0`` (a
+            constructor bug of the released code; ``qk_scale=None`` trains with
+            ``head_dim ** -0.5``) and ``drop_path=True``. Defaults to None.
+        impl (str, optional): FSLA op implementation (``'auto'``, ``'ext'``, ``'reference'``;
+            None reads ``MMBOAT_OPS_IMPL``). Defaults to None.
+        init_cfg (dict | list[dict], optional): Initialisation; by default
+            :data:`~mmboat.models.utils.DEFAULT_INIT_CFG`.
             ``dict(type='Pretrained', checkpoint=PATH_OR_URL, prefix='backbone.')``
             loads an official release or a converted / mmengine checkpoint, and stops with an
             error when less than half of the backbone would be loaded (``allow_partial=True``
@@ -229,6 +225,9 @@ class BOATCSWinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
     }
     essential_keys = ('embed_dims', 'depths', 'num_heads', 'stripe_widths')
     stem_name = 'stage1_conv_embed'
+    layer_names = ('stage1_conv_embed', 'stage', 'merge')
+    # What the released BOAT-CSWin weights were trained with (see ``fsla_cfg``).
+    default_fsla_cfg: dict = dict(qk_scale=1., drop_path=True)
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
@@ -239,36 +238,25 @@ class BOATCSWinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (3, ),
+                 out_indices: Union[int, Sequence[int]] = (3, ),
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  fsla_blocks: Optional[Sequence[Sequence[int]]] = None,
-                 fsla_cluster_size: int = 49,
-                 fsla_overlap: int = 20,
-                 fsla_iters: int = 2,
-                 fsla_tau: float = 100.,
-                 fsla_qk_scale: Optional[float] = 1.,
-                 fsla_drop_path: bool = True,
+                 fsla_cfg: Optional[dict] = None,
+                 impl: Optional[str] = None,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
-        arch = check_arch(arch, self.arch_zoo, self.essential_keys, type(self).__name__)
-        self.embed_dims = int(arch['embed_dims'])
-        self.depths = tuple(int(d) for d in arch['depths'])
-        self.num_heads = tuple(int(h) for h in arch['num_heads'])
-        self.stripe_widths = tuple(int(s) for s in arch['stripe_widths'])
-        self.num_stages = len(self.depths)
+        super().__init__(arch, out_indices, frozen_stages, norm_eval, init_cfg)
+        self.stripe_widths = tuple(int(s) for s in self.arch_settings['stripe_widths'])
         if not len(self.num_heads) == len(self.stripe_widths) == self.num_stages:
             raise ValueError(f'depths {self.depths}, num_heads {self.num_heads} and stripe_widths '
                              f'{self.stripe_widths} must have the same length')
-        self.out_indices = _check_out_indices(out_indices, self.num_stages)
-        self._set_freezing(frozen_stages, norm_eval)
         if fsla_blocks is None:
             fsla_blocks = [list(range(0, d, 2)) for d in self.depths]
-        self.fsla_blocks = _check_fsla_blocks(fsla_blocks, self.depths)
+        self._set_fsla(fsla_blocks, fsla_cfg)
 
         self.stage1_conv_embed = ConvEmbed(in_channels, self.embed_dims)
-        dpr = _linear_drop_path(drop_path_rate, sum(self.depths))
+        dpr = linear_drop_path(drop_path_rate, sum(self.depths))
         dims = self.embed_dims
         for i in range(self.num_stages):
             blocks = nn.ModuleList([
@@ -277,9 +265,7 @@ class BOATCSWinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
                     last_stage=i == self.num_stages - 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                     qk_scale=qk_scale, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                     drop_path_rate=dpr[sum(self.depths[:i]) + j],
-                    with_fsla=j in self.fsla_blocks[i], fsla_cluster_size=fsla_cluster_size,
-                    fsla_overlap=fsla_overlap, fsla_iters=fsla_iters, fsla_tau=fsla_tau,
-                    fsla_qk_scale=fsla_qk_scale, fsla_drop_path=fsla_drop_path, with_cp=with_cp)
+                    fsla_cfg=self.block_fsla_cfg(i, j), with_cp=with_cp, impl=impl)
                 for j in range(self.depths[i])
             ])
             self.add_module(f'stage{i + 1}', blocks)
@@ -288,16 +274,9 @@ class BOATCSWinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
             if i < self.num_stages - 1:
                 self.add_module(f'merge{i + 1}', MergeBlock(dims, dims * 2))
                 dims *= 2
-        self.num_features = [self.embed_dims * 2**i for i in range(self.num_stages)]
-        self.apply(_init_module)
         self._freeze_stages()
         if any(self.fsla_blocks):  # which FSLA implementation runs, and why
-            log_ops_impl(['feature-space attention'])
-
-    @property
-    def num_fsla_modules(self) -> int:
-        """How many FSLA modules the backbone holds."""
-        return sum(len(b) for b in self.fsla_blocks)
+            log_ops_impl(['feature-space attention'], impl)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``[B, C_in, H, W]`` -> NCHW maps of the stages in ``out_indices``."""
@@ -310,7 +289,7 @@ class BOATCSWinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
                 x = block(x, hw_shape)
             if i in self.out_indices:
                 out = getattr(self, f'norm{i}')(x)
-                outs.append(out.transpose(1, 2).reshape(out.shape[0], -1,
+                outs.append(out.transpose(1, 2).reshape(out.shape[0], out.shape[2],
                                                         *hw_shape).contiguous())
             if i < self.num_stages - 1:
                 x, hw_shape = getattr(self, f'merge{i + 1}')(x, hw_shape)
@@ -321,18 +300,3 @@ class BOATCSWinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
         if index < self.num_stages - 1:
             modules.append(getattr(self, f'merge{index + 1}'))
         return modules
-
-    def get_layer_depth(self, param_name: str, prefix: str = '') -> Tuple[int, int]:
-        """Layer depth of a parameter, for layer-wise learning-rate decay.
-
-        Args:
-            param_name: parameter name, e.g. ``backbone.stage3.4.content_attn.qkv.weight``.
-            prefix: prefix of the backbone's parameters, e.g. ``'backbone.'``.
-
-        Returns:
-            tuple: (layer depth, number of layers): the stem is 0, block j of ``stage{k}`` is
-            ``sum(depths[:k-1]) + j + 1``, ``merge{k}`` is the depth of stage k's last block, and
-            everything else is the last layer.
-        """
-        return layer_depth(param_name, prefix, self.depths, 'stage1_conv_embed', 'stage',
-                           'merge')

@@ -7,51 +7,29 @@ BOAT-Swin ones (``patch_embed``, ``layers.{i}.blocks.{j}.{norm1, attn, norm4, at
 ``tools/model_converters/boat_swin_to_mmboat.py`` (a prefix change, ``norm`` -> ``norm3``).
 """
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
-from mmengine.model import BaseModule
-from mmengine.model.weight_init import trunc_normal_
 
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
 from mmboat.models.layers.window_attention import ShiftedWindowAttention
-from mmboat.models.utils import DropPath, FrozenStagesMixin, PretrainedMixin, layer_depth
+from mmboat.models.utils import (MLP, DropPath, FSLABackboneMixin, HierarchicalBackbone,
+                                 checkpoint_forward, linear_drop_path)
 from mmboat.ops.ext_loader import log_ops_impl
 from mmboat.registry import MODELS
 
-__all__ = ['BOATSwinTransformer', 'BOATSwinBlock', 'MLP']
-
-
-class MLP(nn.Module):
-    """Transformer feed-forward network ``fc1 -> GELU -> drop -> fc2 -> drop``.
-
-    Args:
-        embed_dims: input/output channels.
-        hidden_dims: hidden channels.
-        drop: dropout after each linear. Defaults to 0.
-    """
-
-    def __init__(self, embed_dims: int, hidden_dims: int, drop: float = 0.) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(embed_dims, hidden_dims)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dims, embed_dims)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+__all__ = ['BOATSwinTransformer', 'BOATSwinBlock']
 
 
 class PatchEmbed(nn.Module):
     """Swin's stem: ``proj = Conv2d(in, C, p, stride p)`` then ``norm``; pads to a multiple of p.
 
     Args:
-        in_channels: image channels.
-        embed_dims: output channels C.
-        patch_size: patch side p. Defaults to 4.
+        in_channels (int): Image channels.
+        embed_dims (int): Output channels C.
+        patch_size (int): Patch side p. Defaults to 4.
     """
 
     def __init__(self, in_channels: int, embed_dims: int, patch_size: int = 4) -> None:
@@ -77,7 +55,7 @@ class PatchMerging(nn.Module):
     Odd maps are zero-padded on the bottom/right first; the output is ``ceil(H/2) x ceil(W/2)``.
 
     Args:
-        embed_dims: input channels C (output 2C).
+        embed_dims (int): Input channels C (output 2C).
     """
 
     def __init__(self, embed_dims: int) -> None:
@@ -106,25 +84,25 @@ class BOATSwinBlock(nn.Module):
     ``x += DropPath(mlp(norm2(x)))``.
 
     Args:
-        embed_dims: channels C.
-        num_heads: heads.
-        window_size: window side. Defaults to 7.
-        shift: shifted windows (SW-MSA). Defaults to False.
-        mlp_ratio: MLP hidden ratio. Defaults to 4.
-        qkv_bias: bias in the qkv projections. Defaults to True.
-        qk_scale: window attention logit scale; None is ``head_dim ** -0.5``. Defaults to None.
-        drop_rate: dropout after projections. Defaults to 0.
-        attn_drop_rate: attention dropout (window attention). Defaults to 0.
-        drop_path_rate: stochastic depth of this block. Defaults to 0.
-        with_fsla: add the FSLA sub-layer (``norm4``/``attnC``). Defaults to False.
-        fsla_cluster_size: FSLA cluster size. Defaults to 49.
-        fsla_overlap: FSLA sibling overlap. Defaults to 20.
-        fsla_iters: FSLA clustering iterations. Defaults to 2.
-        fsla_tau: FSLA soft-assignment inverse temperature. Defaults to 100.
-        fsla_qk_scale: FSLA logit scale; None is ``head_dim ** -0.5``. Defaults to None.
-        fsla_drop_path: apply this block's DropPath to the FSLA residual (the released BOAT-Swin
-            does not). Defaults to False.
-        with_cp: activation checkpointing of the block. Defaults to False.
+        embed_dims (int): Channels C.
+        num_heads (int): Attention heads.
+        window_size (int): Window side. Defaults to 7.
+        shift (bool): Shifted windows (SW-MSA). Defaults to False.
+        mlp_ratio (float): MLP hidden ratio. Defaults to 4.
+        qkv_bias (bool): Bias in the qkv projections. Defaults to True.
+        qk_scale (float, optional): Window attention logit scale; None is
+            ``head_dim ** -0.5``. Defaults to None.
+        drop_rate (float): Dropout after projections. Defaults to 0.
+        attn_drop_rate (float): Window attention dropout. Defaults to 0.
+        drop_path_rate (float): Stochastic depth of this block. Defaults to 0.
+        fsla_cfg (dict, optional): The FSLA sub-layer (``norm4``/``attnC``): the complete
+            settings of :func:`~mmboat.models.layers.resolve_fsla_cfg` (the
+            :class:`FeatureSpaceLocalAttention` arguments and ``drop_path``, whether this
+            block's DropPath also covers the FSLA residual); None for a block without FSLA.
+            Defaults to None.
+        with_cp (bool): Activation checkpointing of the block. Defaults to False.
+        impl (str, optional): FSLA op implementation (``'auto'``, ``'ext'``, ``'reference'``;
+            None reads ``MMBOAT_OPS_IMPL``). Defaults to None.
     """
 
     def __init__(self,
@@ -138,28 +116,24 @@ class BOATSwinBlock(nn.Module):
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.,
-                 with_fsla: bool = False,
-                 fsla_cluster_size: int = 49,
-                 fsla_overlap: int = 20,
-                 fsla_iters: int = 2,
-                 fsla_tau: float = 100.,
-                 fsla_qk_scale: Optional[float] = None,
-                 fsla_drop_path: bool = False,
-                 with_cp: bool = False) -> None:
+                 fsla_cfg: Optional[dict] = None,
+                 with_cp: bool = False,
+                 impl: Optional[str] = None) -> None:
         super().__init__()
         self.shift = shift
-        self.with_fsla = with_fsla
+        self.with_fsla = fsla_cfg is not None
         self.with_cp = with_cp
         self.norm1 = nn.LayerNorm(embed_dims)
         self.attn = ShiftedWindowAttention(embed_dims, num_heads, window_size, qkv_bias,
                                            qk_scale, attn_drop_rate, drop_rate)
         self.drop_path = DropPath(drop_path_rate)
-        if with_fsla:
+        if fsla_cfg is not None:
+            fsla_cfg = dict(fsla_cfg)
+            fsla_drop_path = fsla_cfg.pop('drop_path', False)
             self.norm4 = nn.LayerNorm(embed_dims)
             self.attnC = FeatureSpaceLocalAttention(
-                embed_dims, num_heads, cluster_size=fsla_cluster_size, overlap=fsla_overlap,
-                iters=fsla_iters, tau=fsla_tau, qkv_bias=qkv_bias, qk_scale=fsla_qk_scale,
-                proj_drop=drop_rate)
+                embed_dims, num_heads, qkv_bias=qkv_bias, proj_drop=drop_rate, impl=impl,
+                **fsla_cfg)
             self.fsla_drop_path = DropPath(drop_path_rate) if fsla_drop_path else nn.Identity()
         self.norm2 = nn.LayerNorm(embed_dims)
         self.mlp = MLP(embed_dims, int(embed_dims * mlp_ratio), drop_rate)
@@ -172,13 +146,16 @@ class BOATSwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
         """``[B, H*W, C]`` -> ``[B, H*W, C]``."""
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._forward, x, hw_shape, use_reentrant=False)
-        return self._forward(x, hw_shape)
+        return checkpoint_forward(self._forward, self.with_cp, x, hw_shape)
 
 
 class BOATSwinStage(nn.Module):
-    """One stage: ``blocks`` then an optional ``downsample`` (official Swin ``BasicLayer``)."""
+    """One stage: ``blocks`` then an optional ``downsample`` (official Swin ``BasicLayer``).
+
+    Args:
+        blocks (list[BOATSwinBlock]): The blocks.
+        downsample (nn.Module, optional): The downsampler; None in the last stage.
+    """
 
     def __init__(self, blocks: List[BOATSwinBlock], downsample: Optional[nn.Module]) -> None:
         super().__init__()
@@ -206,27 +183,8 @@ def _to_pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-def check_arch(arch: Union[str, dict], arch_zoo: Dict[str, dict], essential_keys: Sequence[str],
-               name: str) -> dict:
-    """Resolve ``arch`` (a zoo name or a dict) with a clear message on bad input."""
-    if isinstance(arch, str):
-        key = arch.lower()
-        if key not in arch_zoo:
-            raise KeyError(f'Arch {arch!r} is not in default archs of {name}: '
-                           f'{sorted(set(arch_zoo))}')
-        return dict(arch_zoo[key])
-    if not isinstance(arch, dict):
-        raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
-    missing = sorted(set(essential_keys) - set(arch))
-    unknown = sorted(set(arch) - set(essential_keys))
-    if missing or unknown:
-        raise ValueError(f'Custom arch of {name} needs exactly the keys {sorted(essential_keys)}; '
-                         f'missing {missing}, unknown {unknown}')
-    return dict(arch)
-
-
 @MODELS.register_module()
-class BOATSwinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
+class BOATSwinTransformer(FSLABackboneMixin, HierarchicalBackbone):
     """BOAT-Swin backbone.
 
     Swin Transformer (https://arxiv.org/abs/2103.14030) with a feature-space local attention
@@ -235,35 +193,39 @@ class BOATSwinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
     5 FSLA modules in tiny, 11 in small/base), as in the released BOAT-Swin.
 
     Args:
-        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict with keys ``embed_dims``, ``depths``
-            and ``num_heads``. Defaults to ``'tiny'``.
-        in_channels: image channels. Defaults to 3.
-        img_size: the pre-training input size; it decides only the default FSLA placement (any
-            input size runs). Defaults to 224.
-        window_size: window side. Defaults to 7.
-        mlp_ratio: MLP hidden ratio. Defaults to 4.
-        qkv_bias: bias in qkv projections. Defaults to True.
-        qk_scale: window-attention logit scale (None: ``head_dim ** -0.5``). Defaults to None.
-        drop_rate: dropout after projections. Defaults to 0.
-        attn_drop_rate: window attention dropout. Defaults to 0.
-        drop_path_rate: stochastic depth, linear from 0 over all blocks. Defaults to 0.1.
-        out_indices: stages whose outputs are returned (NCHW, strides 4/8/16/32), each through its
-            own ``norm{i}`` LayerNorm. Defaults to ``(3, )``.
-        frozen_stages: -1 freezes nothing, 0 the stem (``patch_embed``), k >= 1 the stem and
-            stages 0..k-1 (with their downsamplers and output norms). Defaults to -1.
-        norm_eval: keep norm layers in eval mode while training. Defaults to False.
-        with_cp: activation checkpointing per block. Defaults to False.
-        fsla_blocks: block indices with FSLA for each stage; None is the released placement
-            (odd blocks of stages whose ``img_size`` map is larger than the window). Defaults to
-            None.
-        fsla_cluster_size: FSLA cluster size m. Defaults to 49.
-        fsla_overlap: FSLA sibling overlap o. Defaults to 20.
-        fsla_iters: FSLA clustering iterations. Defaults to 2.
-        fsla_tau: FSLA inverse temperature. Defaults to 100.
-        fsla_qk_scale: FSLA logit scale (None: ``head_dim ** -0.5``, as the released BOAT-Swin).
+        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'`` or a dict with the keys
+            ``embed_dims`` (int), ``depths`` (list[int]) and ``num_heads`` (list[int]).
+            Defaults to ``'tiny'``.
+        in_channels (int): Image channels. Defaults to 3.
+        img_size (int | tuple[int, int]): The pre-training input size; it decides only the
+            default FSLA placement (any input size runs). Defaults to 224.
+        window_size (int): Window side. Defaults to 7.
+        mlp_ratio (float): MLP hidden ratio. Defaults to 4.
+        qkv_bias (bool): Bias in qkv projections. Defaults to True.
+        qk_scale (float, optional): Window-attention logit scale (None: ``head_dim ** -0.5``).
             Defaults to None.
-        fsla_drop_path: DropPath on the FSLA residual (released BOAT-Swin: no). Defaults to False.
-        init_cfg: mmengine init config;
+        drop_rate (float): Dropout after projections. Defaults to 0.
+        attn_drop_rate (float): Window attention dropout. Defaults to 0.
+        drop_path_rate (float): Stochastic depth, linear from 0 over all blocks.
+            Defaults to 0.1.
+        out_indices (int | Sequence[int]): Stages whose outputs are returned (NCHW, strides
+            4/8/16/32), each through its own ``norm{i}`` LayerNorm; negative counts from the end.
+            Defaults to ``(3, )``.
+        frozen_stages (int): -1 freezes nothing, 0 the stem (``patch_embed``), k >= 1 the stem
+            and stages 0..k-1 (with their downsamplers and output norms). Defaults to -1.
+        norm_eval (bool): Keep norm layers in eval mode while training. Defaults to False.
+        with_cp (bool): Activation checkpointing per block. Defaults to False.
+        fsla_blocks (Sequence[Sequence[int]], optional): Block indices with FSLA for each
+            stage; None is the released placement (odd blocks of stages whose ``img_size`` map
+            is larger than the window). Defaults to None.
+        fsla_cfg (dict, optional): FSLA settings over :attr:`default_fsla_cfg`: the
+            :class:`FeatureSpaceLocalAttention` arguments ``cluster_size``, ``overlap``,
+            ``iters``, ``tau``, ``qk_scale`` and ``drop_path`` (DropPath on the FSLA residual).
+            Defaults to None.
+        impl (str, optional): FSLA op implementation (``'auto'``, ``'ext'``, ``'reference'``;
+            None reads ``MMBOAT_OPS_IMPL``). Defaults to None.
+        init_cfg (dict | list[dict], optional): Initialisation; by default
+            :data:`~mmboat.models.utils.DEFAULT_INIT_CFG`.
             ``dict(type='Pretrained', checkpoint=PATH_OR_URL, prefix='backbone.')``
             loads an official release or a converted / mmengine checkpoint, and stops with an
             error when less than half of the backbone would be loaded (``allow_partial=True``
@@ -283,7 +245,10 @@ class BOATSwinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
         **dict.fromkeys(['b', 'base'], dict(embed_dims=128, depths=(2, 2, 18, 2),
                                             num_heads=(4, 8, 16, 32))),
     }
-    essential_keys = ('embed_dims', 'depths', 'num_heads')
+    layer_names = ('patch_embed', 'layers', None)
+    # What the released BOAT-Swin weights were trained with: the standard scale, no DropPath on
+    # the FSLA residual.
+    default_fsla_cfg: dict = dict(qk_scale=None, drop_path=False)
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
@@ -296,37 +261,23 @@ class BOATSwinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.1,
-                 out_indices: Sequence[int] = (3, ),
+                 out_indices: Union[int, Sequence[int]] = (3, ),
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  fsla_blocks: Optional[Sequence[Sequence[int]]] = None,
-                 fsla_cluster_size: int = 49,
-                 fsla_overlap: int = 20,
-                 fsla_iters: int = 2,
-                 fsla_tau: float = 100.,
-                 fsla_qk_scale: Optional[float] = None,
-                 fsla_drop_path: bool = False,
+                 fsla_cfg: Optional[dict] = None,
+                 impl: Optional[str] = None,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
-        arch = check_arch(arch, self.arch_zoo, self.essential_keys, type(self).__name__)
-        self.embed_dims = int(arch['embed_dims'])
-        self.depths = tuple(int(d) for d in arch['depths'])
-        self.num_heads = tuple(int(h) for h in arch['num_heads'])
-        self.num_stages = len(self.depths)
-        if len(self.num_heads) != self.num_stages:
-            raise ValueError(f'depths {self.depths} and num_heads {self.num_heads} must have '
-                             'the same length')
-        self.out_indices = _check_out_indices(out_indices, self.num_stages)
-        self._set_freezing(frozen_stages, norm_eval)
+        super().__init__(arch, out_indices, frozen_stages, norm_eval, init_cfg)
         self.window_size = window_size
         self.img_size = _to_pair(img_size)
         if fsla_blocks is None:
             fsla_blocks = self.released_fsla_blocks(self.depths, self.img_size, window_size)
-        self.fsla_blocks = _check_fsla_blocks(fsla_blocks, self.depths)
+        self._set_fsla(fsla_blocks, fsla_cfg)
 
         self.patch_embed = PatchEmbed(in_channels, self.embed_dims, patch_size=4)
-        dpr = _linear_drop_path(drop_path_rate, sum(self.depths))
+        dpr = linear_drop_path(drop_path_rate, sum(self.depths))
         self.layers = nn.ModuleList()
         dims = self.embed_dims
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
@@ -336,10 +287,8 @@ class BOATSwinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                     drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                     drop_path_rate=dpr[sum(self.depths[:i]) + j],
-                    with_fsla=j in self.fsla_blocks[i], fsla_cluster_size=fsla_cluster_size,
-                    fsla_overlap=fsla_overlap, fsla_iters=fsla_iters, fsla_tau=fsla_tau,
-                    fsla_qk_scale=fsla_qk_scale, fsla_drop_path=fsla_drop_path,
-                    with_cp=with_cp) for j in range(depth)
+                    fsla_cfg=self.block_fsla_cfg(i, j), with_cp=with_cp, impl=impl)
+                for j in range(depth)
             ]
             downsample = PatchMerging(dims) if i < self.num_stages - 1 else None
             self.layers.append(BOATSwinStage(blocks, downsample))
@@ -347,11 +296,9 @@ class BOATSwinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
                 self.add_module(f'norm{i}', nn.LayerNorm(dims))
             if i < self.num_stages - 1:
                 dims *= 2
-        self.num_features = [self.embed_dims * 2**i for i in range(self.num_stages)]
-        self.apply(_init_module)
         self._freeze_stages()
         if any(self.fsla_blocks):  # which FSLA implementation runs, and why
-            log_ops_impl(['feature-space attention'])
+            log_ops_impl(['feature-space attention'], impl)
 
     @staticmethod
     def released_fsla_blocks(depths: Sequence[int], img_size: Tuple[int, int],
@@ -364,11 +311,6 @@ class BOATSwinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
             h, w = math.ceil(h / 2), math.ceil(w / 2)
         return blocks
 
-    @property
-    def num_fsla_modules(self) -> int:
-        """How many FSLA modules the backbone holds."""
-        return sum(len(b) for b in self.fsla_blocks)
-
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``[B, C_in, H, W]`` -> NCHW maps of the stages in ``out_indices``."""
         if x.dim() != 4:
@@ -379,65 +321,10 @@ class BOATSwinTransformer(FrozenStagesMixin, PretrainedMixin, BaseModule):
             x, next_hw, out, out_hw = stage(x, hw_shape)
             if i in self.out_indices:
                 out = getattr(self, f'norm{i}')(out)
-                outs.append(out.transpose(1, 2).reshape(out.shape[0], -1, *out_hw).contiguous())
+                outs.append(out.transpose(1, 2).reshape(out.shape[0], out.shape[2],
+                                                        *out_hw).contiguous())
             hw_shape = next_hw
         return tuple(outs)
 
     def _stage_modules(self, index: int) -> List[nn.Module]:
         return [self.layers[index]]  # a stage holds its downsampler
-
-    def get_layer_depth(self, param_name: str, prefix: str = '') -> Tuple[int, int]:
-        """Layer depth of a parameter, for layer-wise learning-rate decay.
-
-        Args:
-            param_name: parameter name, e.g. ``backbone.layers.2.blocks.3.attnC.qkv.weight``.
-            prefix: prefix of the backbone's parameters, e.g. ``'backbone.'``.
-
-        Returns:
-            tuple: (layer depth, number of layers): the stem is 0, block j of stage i is
-            ``sum(depths[:i]) + j + 1``, a downsampler is the depth of its stage's last block, and
-            everything else (output norms, head, other modules) is the last layer.
-        """
-        return layer_depth(param_name, prefix, self.depths, 'patch_embed', 'layers')
-
-
-def _linear_drop_path(drop_path_rate: float, num_blocks: int) -> List[float]:
-    """Stochastic depth rates rising linearly from 0 to ``drop_path_rate`` over the blocks."""
-    if num_blocks == 1:
-        return [0.]
-    return [drop_path_rate * i / (num_blocks - 1) for i in range(num_blocks)]
-
-
-def _check_out_indices(out_indices: Sequence[int], num_stages: int) -> Tuple[int, ...]:
-    if isinstance(out_indices, int):
-        out_indices = [out_indices]
-    indices = []
-    for index in out_indices:
-        if not -num_stages <= index < num_stages:
-            raise ValueError(f'out_indices {tuple(out_indices)} out of range for {num_stages} '
-                             'stages')
-        indices.append(index % num_stages)
-    return tuple(indices)
-
-
-def _check_fsla_blocks(fsla_blocks: Sequence[Sequence[int]],
-                       depths: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
-    if len(fsla_blocks) != len(depths):
-        raise ValueError(f'fsla_blocks needs one list per stage ({len(depths)}), '
-                         f'got {len(fsla_blocks)}')
-    for i, (blocks, depth) in enumerate(zip(fsla_blocks, depths)):
-        bad = [j for j in blocks if not 0 <= j < depth]
-        if bad:
-            raise ValueError(f'fsla_blocks[{i}] has block indices {bad} outside stage {i} '
-                             f'of depth {depth}')
-    return tuple(tuple(sorted(set(int(j) for j in b))) for b in fsla_blocks)
-
-
-def _init_module(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)

@@ -1,14 +1,13 @@
 """NAT and DiNAT: hierarchical transformers built on (dilated) neighborhood attention."""
-from copy import deepcopy
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.utils.checkpoint as cp
-from mmengine.model import BaseModule, ModuleList
+from mmengine.model import ModuleList
 from torch import Tensor, nn
 
 from mmboat.models.layers.neighborhood_attention import NeighborhoodAttention2d
-from mmboat.models.utils import DropPath, FrozenStagesMixin, PretrainedMixin, layer_depth
+from mmboat.models.utils import (MLP, DropPath, HierarchicalBackbone, checkpoint_forward,
+                                 linear_drop_path)
 from mmboat.ops.ext_loader import log_ops_impl
 from mmboat.registry import MODELS
 
@@ -122,26 +121,6 @@ class ConvDownsampler(nn.Module):
         return self.norm(x)
 
 
-class Mlp(nn.Module):
-    """``fc1 -> GELU -> dropout -> fc2 -> dropout`` on the last axis.
-
-    Args:
-        in_features (int): Input and output channels.
-        hidden_features (int): Hidden channels.
-        drop (float): Dropout rate. Defaults to 0.
-    """
-
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
 class NATBlock(nn.Module):
     """Pre-norm transformer block with neighborhood attention.
 
@@ -191,7 +170,7 @@ class NATBlock(nn.Module):
             proj_drop=drop_rate, impl=impl)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(embed_dims)
-        self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop_rate)
+        self.mlp = MLP(embed_dims, int(embed_dims * mlp_ratio), drop=drop_rate)
         if layer_scale is not None:
             self.gamma1 = nn.Parameter(torch.full((embed_dims, ), float(layer_scale)))
             self.gamma2 = nn.Parameter(torch.full((embed_dims, ), float(layer_scale)))
@@ -205,9 +184,7 @@ class NATBlock(nn.Module):
         return mlp_in + self.drop_path(mlp if self.gamma2 is None else self.gamma2 * mlp)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.with_cp and x.requires_grad and torch.is_grad_enabled():
-            return cp.checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return checkpoint_forward(self._forward, self.with_cp, x)
 
 
 class NATLevel(nn.Module):
@@ -245,7 +222,7 @@ class NATLevel(nn.Module):
 
 
 @MODELS.register_module()
-class NAT(FrozenStagesMixin, PretrainedMixin, BaseModule):
+class NAT(HierarchicalBackbone):
     """Neighborhood Attention Transformer.
 
     `Neighborhood Attention Transformer <https://arxiv.org/abs/2204.07143>`_ (CVPR 2023).
@@ -286,7 +263,8 @@ class NAT(FrozenStagesMixin, PretrainedMixin, BaseModule):
             ``dict(type='Pretrained', checkpoint=PATH_OR_URL, prefix='backbone.')``
             loads an official release or a converted / mmengine checkpoint, and stops with an
             error when less than half of the backbone would be loaded (``allow_partial=True``
-            opts out; see :mod:`mmboat.models.utils.pretrained`). Defaults to trunc-normal Linear and unit LayerNorm.
+            opts out; see :mod:`mmboat.models.utils.pretrained`). Defaults to None
+            (:data:`~mmboat.models.utils.DEFAULT_INIT_CFG`).
 
     Examples:
         >>> import torch
@@ -312,8 +290,9 @@ class NAT(FrozenStagesMixin, PretrainedMixin, BaseModule):
             'mlp_ratio': 2., 'layer_scale': 1e-5}),
     }  # yapf: disable
     default_dilations: DilationsType = None
-    essential_keys = {'embed_dims', 'depths', 'num_heads', 'mlp_ratio'}
-    optional_keys = {'layer_scale'}
+    essential_keys = ('embed_dims', 'depths', 'num_heads', 'mlp_ratio')
+    optional_keys = ('layer_scale', )
+    layer_names = ('patch_embed', 'levels', None)
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
@@ -331,21 +310,11 @@ class NAT(FrozenStagesMixin, PretrainedMixin, BaseModule):
                  with_cp: bool = False,
                  impl: Optional[str] = None,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
-        if init_cfg is None:
-            init_cfg = [
-                dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
-                dict(type='Constant', layer='LayerNorm', val=1., bias=0.),
-            ]
-        super().__init__(init_cfg=init_cfg)
-        self.arch_settings = self._parse_arch(arch)
-        self.embed_dims: int = self.arch_settings['embed_dims']
-        self.depths: List[int] = list(self.arch_settings['depths'])
-        self.num_heads: List[int] = list(self.arch_settings['num_heads'])
+        super().__init__(arch, out_indices, frozen_stages, norm_eval, init_cfg)
+        self.arch_settings.setdefault('layer_scale', None)
         self.mlp_ratio: float = self.arch_settings['mlp_ratio']
         self.layer_scale: Optional[float] = self.arch_settings.get('layer_scale')
-        self.num_stages = len(self.depths)
         self.num_layers = sum(self.depths)
-        self.num_features = [self.embed_dims * 2**i for i in range(self.num_stages)]
 
         if isinstance(kernel_size, int):
             kernel_size = [kernel_size] * self.num_stages
@@ -357,24 +326,11 @@ class NAT(FrozenStagesMixin, PretrainedMixin, BaseModule):
             dilations = self.default_dilations
         self.dilations = resolve_dilations(dilations, self.depths)
 
-        if isinstance(out_indices, int):
-            out_indices = [out_indices]
-        if not isinstance(out_indices, Sequence) or len(out_indices) == 0:
-            raise TypeError(f'out_indices must be an int or a non-empty sequence of ints, got '
-                            f'{out_indices!r}')
-        normalized = []
-        for index in out_indices:
-            if not -self.num_stages <= index < self.num_stages:
-                raise ValueError(f'out_indices entry {index} is out of range for '
-                                 f'{self.num_stages} stages')
-            normalized.append(index % self.num_stages)
-        self.out_indices = tuple(sorted(set(normalized)))
-        self._set_freezing(frozen_stages, norm_eval)
         self.with_cp = with_cp
 
         self.patch_embed = ConvTokenizer(in_channels, self.embed_dims)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = [drop_path_rate * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
+        dpr = linear_drop_path(drop_path_rate, self.num_layers)
         block_cfg = dict(mlp_ratio=self.mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                          drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                          layer_scale=self.layer_scale, with_cp=with_cp, impl=impl)
@@ -389,34 +345,6 @@ class NAT(FrozenStagesMixin, PretrainedMixin, BaseModule):
             self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
         self._freeze_stages()
         log_ops_impl(['neighborhood attention'], impl)  # which NA implementation runs, and why
-
-    def _parse_arch(self, arch: Union[str, dict]) -> dict:
-        if isinstance(arch, str):
-            key = arch.lower()
-            if key not in self.arch_zoo:
-                raise ValueError(f'Arch {arch!r} is not in the arch zoo of {type(self).__name__}; '
-                                 f'choose one of {sorted(set(self.arch_zoo))} or pass a dict')
-            return deepcopy(self.arch_zoo[key])
-        if not isinstance(arch, dict):
-            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
-        missing = self.essential_keys - set(arch)
-        unknown = set(arch) - self.essential_keys - self.optional_keys
-        if missing or unknown:
-            raise ValueError(f'Custom arch needs the keys {sorted(self.essential_keys)} (and '
-                             f'optionally {sorted(self.optional_keys)}); missing '
-                             f'{sorted(missing)}, unknown {sorted(unknown)}')
-        arch = deepcopy(dict(arch))
-        depths, heads, dims = arch['depths'], arch['num_heads'], arch['embed_dims']
-        if len(depths) != len(heads) or len(depths) == 0:
-            raise ValueError(f'Custom arch: depths {list(depths)} and num_heads {list(heads)} '
-                             'must be non-empty and of equal length')
-        for i, (depth, num_heads) in enumerate(zip(depths, heads)):
-            if depth < 1 or num_heads < 1 or (dims * 2**i) % num_heads != 0:
-                raise ValueError(f'Custom arch: stage {i} has {depth} blocks and {num_heads} '
-                                 f'heads for {dims * 2**i} channels; need >= 1 block and heads '
-                                 'dividing the channels')
-        arch.setdefault('layer_scale', None)
-        return arch
 
     def init_weights(self) -> None:
         super().init_weights()
@@ -440,24 +368,6 @@ class NAT(FrozenStagesMixin, PretrainedMixin, BaseModule):
                 out = getattr(self, f'norm{i}')(out)
                 outs.append(out.permute(0, 3, 1, 2).contiguous())
         return tuple(outs)
-
-    def get_layer_depth(self, param_name: str, prefix: str = '') -> Tuple[int, int]:
-        """Layer depth of a parameter for layer-wise learning-rate decay.
-
-        The stem is layer 0, block ``j`` of stage ``i`` is ``sum(depths[:i]) + j + 1``, a
-        downsampler belongs to the last block of its stage; output norms and everything outside
-        the backbone (names not starting with ``prefix``) are the last layer.
-
-        Args:
-            param_name (str): Parameter name.
-            prefix (str): Prefix of the backbone's parameters (e.g. ``'backbone.'``).
-                Defaults to ''.
-
-        Returns:
-            tuple[int, int]: The layer depth and the total number of layers
-            (``sum(depths) + 2``).
-        """
-        return layer_depth(param_name, prefix, self.depths, 'patch_embed', 'levels')
 
 
 @MODELS.register_module()

@@ -12,25 +12,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .window_attention import window_partition, window_reverse
+
 __all__ = ['StripeAttention', 'stripe_partition', 'stripe_reverse']
 
 _DIRECTIONS = ('vertical', 'horizontal', 'full')
 
 
 def stripe_partition(x: torch.Tensor, stripe_height: int, stripe_width: int) -> torch.Tensor:
-    """``[B, H, W, C]`` (H, W multiples of the stripe sides) -> ``[B * nS, sh * sw, C]``."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // stripe_height, stripe_height, W // stripe_width, stripe_width, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, stripe_height * stripe_width, C)
+    """``[B, H, W, C]`` (H, W multiples of the stripe sides) -> ``[B * nS, sh * sw, C]``: a
+    stripe is a ``(sh, sw)`` window."""
+    return window_partition(x, (stripe_height, stripe_width))
 
 
 def stripe_reverse(stripes: torch.Tensor, stripe_height: int, stripe_width: int, height: int,
                    width: int) -> torch.Tensor:
     """Inverse of :func:`stripe_partition`: ``[B * nS, sh * sw, C]`` -> ``[B, H, W, C]``."""
-    C = stripes.shape[-1]
-    x = stripes.view(-1, height // stripe_height, width // stripe_width, stripe_height,
-                     stripe_width, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, C)
+    return window_reverse(stripes, (stripe_height, stripe_width), height, width)
 
 
 class StripeAttention(nn.Module):

@@ -6,8 +6,9 @@ queries (per sample and head, no gradient) and attend inside their cluster plus 
 sibling cluster; a depthwise 3x3 conv on the values (``get_v``) adds local image context. Parameter
 names (``qkv``, ``proj``, ``get_v``) are the released ones. See docs/feature_space_attention.md.
 """
+import inspect
 from contextlib import nullcontext
-from typing import ContextManager, Optional, Tuple
+from typing import Any, ContextManager, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ import torch.nn as nn
 from mmboat.ops.feature_space_attention import (balanced_hierarchical_clustering,
                                                 clustered_attention)
 
-__all__ = ['FeatureSpaceLocalAttention']
+__all__ = ['FeatureSpaceLocalAttention', 'resolve_fsla_cfg', 'FSLA_CFG_KEYS']
 
 
 def _autocast_off(device_type: str) -> ContextManager:
@@ -143,3 +144,38 @@ class FeatureSpaceLocalAttention(nn.Module):
         lepe = self.get_v(v_map.contiguous(memory_format=torch.channels_last))
         out = out + lepe.permute(0, 2, 3, 1).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
+
+
+# The FSLA settings a backbone's ``fsla_cfg`` takes: the layer's own (defaults in its signature,
+# stated nowhere else) and ``drop_path``, whether the block's DropPath also covers the FSLA
+# residual (the blocks' business; off unless a backbone's compatibility defaults say so).
+FSLA_CFG_KEYS = ('cluster_size', 'overlap', 'iters', 'tau', 'qk_scale', 'drop_path')
+
+
+def resolve_fsla_cfg(fsla_cfg: Optional[Mapping[str, Any]],
+                     defaults: Mapping[str, Any], owner: str) -> Dict[str, Any]:
+    """A backbone's complete FSLA settings: the layer's defaults, overridden by the backbone's
+    compatibility ``defaults`` (what its released weights were trained with), overridden by the
+    user's ``fsla_cfg``.
+
+    Args:
+        fsla_cfg (Mapping, optional): The user's settings (keys of :data:`FSLA_CFG_KEYS`).
+        defaults (Mapping): The backbone's compatibility defaults.
+        owner (str): The backbone's name, for messages.
+
+    Returns:
+        dict: Every key of :data:`FSLA_CFG_KEYS`.
+
+    Raises:
+        ValueError: An unknown key.
+    """
+    signature = inspect.signature(FeatureSpaceLocalAttention.__init__).parameters
+    resolved: Dict[str, Any] = {k: signature[k].default for k in FSLA_CFG_KEYS if k in signature}
+    resolved['drop_path'] = False
+    for source, name in ((defaults, f'{owner}.default_fsla_cfg'), (fsla_cfg or {}, 'fsla_cfg')):
+        unknown = sorted(set(source) - set(FSLA_CFG_KEYS))
+        if unknown:
+            raise ValueError(f'{owner}: {name} has unknown keys {unknown}; the FSLA settings are '
+                             f'{list(FSLA_CFG_KEYS)}')
+        resolved.update(source)
+    return resolved

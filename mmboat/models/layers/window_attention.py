@@ -4,7 +4,7 @@ Parameter names follow the official Swin Transformer (``qkv``, ``proj``,
 ``relative_position_bias_table``), so Swin and BOAT-Swin checkpoints load unchanged. The derived
 tables (relative position index, shift masks) are computed on the fly and never enter checkpoints.
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,37 +21,40 @@ __all__ = [
 MASK_VALUE = -100.0
 
 
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """Split a map into non-overlapping windows.
+def window_partition(x: torch.Tensor, window_size: Union[int, Tuple[int, int]]) -> torch.Tensor:
+    """Split a map into non-overlapping windows (CSWin's stripes are ``(h, w)`` windows).
 
     Args:
-        x: ``[B, H, W, C]`` with H and W multiples of ``window_size``.
-        window_size: window side w.
+        x: ``[B, H, W, C]`` with H and W multiples of the window sides.
+        window_size: window side w, or its (height, width).
 
     Returns:
-        torch.Tensor: ``[B * H/w * W/w, w * w, C]``, windows in raster order per sample.
+        torch.Tensor: ``[B * H/wh * W/ww, wh * ww, C]``, windows in raster order per sample.
     """
+    wh, ww = (window_size, window_size) if isinstance(window_size, int) else window_size
     B, H, W, C = x.shape
-    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, C)
+    x = x.view(B, H // wh, wh, W // ww, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B * (H // wh) * (W // ww), wh * ww, C)
 
 
-def window_reverse(windows: torch.Tensor, window_size: int, height: int,
+def window_reverse(windows: torch.Tensor, window_size: Union[int, Tuple[int, int]], height: int,
                    width: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`.
 
     Args:
-        windows: ``[B * H/w * W/w, w * w, C]``.
-        window_size: window side w.
-        height: H (multiple of w).
-        width: W (multiple of w).
+        windows: ``[B * H/wh * W/ww, wh * ww, C]``.
+        window_size: window side w, or its (height, width).
+        height: H (multiple of the window height).
+        width: W (multiple of the window width).
 
     Returns:
         torch.Tensor: ``[B, H, W, C]``.
     """
+    wh, ww = (window_size, window_size) if isinstance(window_size, int) else window_size
     C = windows.shape[-1]
-    x = windows.view(-1, height // window_size, width // window_size, window_size, window_size, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, C)
+    B = windows.shape[0] // ((height // wh) * (width // ww))
+    x = windows.view(B, height // wh, width // ww, wh, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, height, width, C)
 
 
 def relative_position_index(window_size: int, table_window_size: int,
@@ -195,11 +198,11 @@ class WindowMultiheadAttention(nn.Module):
             # batch instead of being copied per sample.
             num_windows = mask.shape[0]
             bias = (bias[None] + mask[:, None].to(q.dtype)).reshape(1, num_windows * h, n, n)
-            q, k, v = (t.view(Bw // num_windows, num_windows * h, n, -1) for t in (q, k, v))
+            q, k, v = (t.view(Bw // num_windows, num_windows * h, n, C // h) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.,
             scale=self.scale)
-        out = out.reshape(Bw, h, n, -1)
+        out = out.reshape(Bw, h, n, C // h)
         out = out.transpose(1, 2).reshape(Bw, n, C)
         return self.proj_drop(self.proj(out))
 

@@ -1,4 +1,5 @@
-"""Wall-clock timing for the benchmark tools."""
+"""Wall-clock timing shared by the benchmark tools of this folder (``benchmark.py``,
+``benchmark_ops.py``, ``fsla_benchmark.py``); a tool-only helper, not part of the library."""
 import time
 from typing import Callable, Dict, Hashable, List, Mapping, TypeVar
 
