@@ -28,10 +28,10 @@ def resolve_dilations(dilations: DilationsType, depths: Sequence[int]) -> List[L
     """Expand a dilation setting into one dilation per block.
 
     Args:
-        dilations: None (1 everywhere, NAT), an int (the same everywhere), the name of a schedule
-            in :data:`DILATION_SCHEDULES` (each stage's pattern tiled over the stage, so the
-            stage depth must be a multiple of the pattern length) or one sequence of ints per
-            stage with one entry per block.
+        dilations (int | str | Sequence[Sequence[int]], optional): None (1 everywhere, NAT), an
+            int (the same everywhere), the name of a schedule in :data:`DILATION_SCHEDULES` (each
+            stage's pattern tiled over the stage, so the stage depth must be a multiple of the
+            pattern length) or one sequence of ints per stage with one entry per block.
         depths (Sequence[int]): Blocks per stage.
 
     Returns:

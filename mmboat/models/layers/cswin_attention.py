@@ -42,12 +42,12 @@ class StripeAttention(nn.Module):
     wider than the map is narrowed to the map.
 
     Args:
-        embed_dims: channels of this branch.
-        num_heads: heads of this branch.
-        stripe_width: stripe width sw (ignored for ``'full'``).
-        direction: ``'vertical'``, ``'horizontal'`` or ``'full'``.
-        qk_scale: logit scale; None means ``head_dim ** -0.5``. Defaults to None.
-        attn_drop: dropout on attention weights. Defaults to 0.
+        embed_dims (int): channels of this branch.
+        num_heads (int): heads of this branch.
+        stripe_width (int): stripe width sw (ignored for ``'full'``).
+        direction (str): ``'vertical'``, ``'horizontal'`` or ``'full'``.
+        qk_scale (float, optional): logit scale; None means ``head_dim ** -0.5``. Defaults to None.
+        attn_drop (float): dropout on attention weights. Defaults to 0.
 
     Examples:
         >>> attn = StripeAttention(32, 2, stripe_width=2, direction='vertical')
@@ -90,8 +90,8 @@ class StripeAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 hw_shape: Tuple[int, int]) -> torch.Tensor:
         """Args:
-            query, key, value: ``[B, H*W, C]`` in raster order.
-            hw_shape: (H, W).
+            query, key, value (torch.Tensor): ``[B, H*W, C]`` in raster order.
+            hw_shape (tuple[int, int]): (H, W).
 
         Returns:
             torch.Tensor: ``[B, H*W, C]``, before the block's output projection.

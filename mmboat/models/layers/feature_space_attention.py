@@ -31,19 +31,19 @@ class FeatureSpaceLocalAttention(nn.Module):
     """Feature-space local attention over a token map of any size.
 
     Args:
-        embed_dims: channels C.
-        num_heads: heads h (C divisible by h).
-        cluster_size: tokens per leaf cluster m. Defaults to 49.
-        overlap: keys/values each leaf borrows from its sibling o. Defaults to 20.
-        iters: centroid refinement iterations per level. Defaults to 2.
-        tau: inverse temperature of the soft assignment. Defaults to 100.
-        qkv_bias: bias in the qkv projection. Defaults to True.
-        qk_scale: logit scale; None means ``(C/h) ** -0.5``. The released BOAT-CSWin weights were
-            trained with 1.0. Defaults to None.
-        attn_drop: dropout on attention weights; the clustered attention kernels have none, so
-            only 0 is accepted (as in every released model). Defaults to 0.
-        proj_drop: dropout after the output projection. Defaults to 0.
-        impl: op implementation (``'auto'``, ``'ext'``, ``'reference'``; None reads
+        embed_dims (int): channels C.
+        num_heads (int): heads h (C divisible by h).
+        cluster_size (int): tokens per leaf cluster m. Defaults to 49.
+        overlap (int): keys/values each leaf borrows from its sibling o. Defaults to 20.
+        iters (int): centroid refinement iterations per level. Defaults to 2.
+        tau (float): inverse temperature of the soft assignment. Defaults to 100.
+        qkv_bias (bool): bias in the qkv projection. Defaults to True.
+        qk_scale (float, optional): logit scale; None means ``(C/h) ** -0.5``. The released
+            BOAT-CSWin weights were trained with 1.0. Defaults to None.
+        attn_drop (float): dropout on attention weights; the clustered attention kernels have
+            none, so only 0 is accepted (as in every released model). Defaults to 0.
+        proj_drop (float): dropout after the output projection. Defaults to 0.
+        impl (str, optional): op implementation (``'auto'``, ``'ext'``, ``'reference'``; None reads
             ``MMBOAT_OPS_IMPL``). Defaults to None.
 
     Examples:
@@ -99,7 +99,7 @@ class FeatureSpaceLocalAttention(nn.Module):
         """Permutation of the tokens into leaf clusters (float32, no grad, autocast off).
 
         Args:
-            query: ``[B, h, N, d]``.
+            query (torch.Tensor): ``[B, h, N, d]``.
 
         Returns:
             tuple: ``perm`` and ``inv_perm``, ``[B, h, N]`` int64.
@@ -111,8 +111,8 @@ class FeatureSpaceLocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
         """Args:
-            x: ``[B, H*W, C]`` tokens in raster order.
-            hw_shape: (H, W).
+            x (torch.Tensor): ``[B, H*W, C]`` tokens in raster order.
+            hw_shape (tuple[int, int]): (H, W).
 
         Returns:
             torch.Tensor: ``[B, H*W, C]``.

@@ -25,8 +25,8 @@ def window_partition(x: torch.Tensor, window_size: Union[int, Tuple[int, int]]) 
     """Split a map into non-overlapping windows (CSWin's stripes are ``(h, w)`` windows).
 
     Args:
-        x: ``[B, H, W, C]`` with H and W multiples of the window sides.
-        window_size: window side w, or its (height, width).
+        x (torch.Tensor): ``[B, H, W, C]`` with H and W multiples of the window sides.
+        window_size (int | tuple[int, int]): window side w, or its (height, width).
 
     Returns:
         torch.Tensor: ``[B * H/wh * W/ww, wh * ww, C]``, windows in raster order per sample.
@@ -42,10 +42,10 @@ def window_reverse(windows: torch.Tensor, window_size: Union[int, Tuple[int, int
     """Inverse of :func:`window_partition`.
 
     Args:
-        windows: ``[B * H/wh * W/ww, wh * ww, C]``.
-        window_size: window side w, or its (height, width).
-        height: H (multiple of the window height).
-        width: W (multiple of the window width).
+        windows (torch.Tensor): ``[B * H/wh * W/ww, wh * ww, C]``.
+        window_size (int | tuple[int, int]): window side w, or its (height, width).
+        height (int): H (multiple of the window height).
+        width (int): W (multiple of the window width).
 
     Returns:
         torch.Tensor: ``[B, H, W, C]``.
@@ -62,10 +62,10 @@ def relative_position_index(window_size: int, table_window_size: int,
     """Index of each (query, key) pair of a window into Swin's relative position bias table.
 
     Args:
-        window_size: side w of the window actually used (w <= table_window_size; smaller when
+        window_size (int): side w of the window actually used (w <= table_window_size; smaller when
             the map is smaller than the configured window).
-        table_window_size: side W the ``(2W-1)^2`` table was built for.
-        device: where to build the index.
+        table_window_size (int): side W the ``(2W-1)^2`` table was built for.
+        device (torch.device | str, optional): where to build the index.
 
     Returns:
         torch.Tensor: ``[w*w, w*w]`` int64, ``(dy + W - 1) * (2W - 1) + (dx + W - 1)``.
@@ -89,13 +89,13 @@ def shifted_window_mask(height: int, width: int, padded_height: int, padded_widt
     its own, so real tokens never attend to padding.
 
     Args:
-        height: real map height H.
-        width: real map width W.
-        padded_height: H padded to a multiple of the window.
-        padded_width: W padded to a multiple of the window.
-        window_size: window side w.
-        shift_size: cyclic shift s (0 for regular windows).
-        device: where to build the mask.
+        height (int): real map height H.
+        width (int): real map width W.
+        padded_height (int): H padded to a multiple of the window.
+        padded_width (int): W padded to a multiple of the window.
+        window_size (int): window side w.
+        shift_size (int): cyclic shift s (0 for regular windows).
+        device (torch.device | str, optional): where to build the mask.
 
     Returns:
         torch.Tensor or None: ``[num_windows, w*w, w*w]`` with 0 (visible) and ``MASK_VALUE``.
@@ -125,13 +125,13 @@ class WindowMultiheadAttention(nn.Module):
     """Multi-head self-attention inside windows, with Swin's relative position bias.
 
     Args:
-        embed_dims: channels C.
-        num_heads: heads h (C divisible by h).
-        window_size: window side W of the relative position bias table.
-        qkv_bias: bias in the qkv projection. Defaults to True.
-        qk_scale: logit scale; None means ``(C/h) ** -0.5``. Defaults to None.
-        attn_drop: dropout on attention weights. Defaults to 0.
-        proj_drop: dropout after the output projection. Defaults to 0.
+        embed_dims (int): channels C.
+        num_heads (int): heads h (C divisible by h).
+        window_size (int): window side W of the relative position bias table.
+        qkv_bias (bool): bias in the qkv projection. Defaults to True.
+        qk_scale (float, optional): logit scale; None means ``(C/h) ** -0.5``. Defaults to None.
+        attn_drop (float): dropout on attention weights. Defaults to 0.
+        proj_drop (float): dropout after the output projection. Defaults to 0.
     """
 
     def __init__(self,
@@ -179,9 +179,10 @@ class WindowMultiheadAttention(nn.Module):
         """Attention inside windows.
 
         Args:
-            windows: ``[B * nW, w*w, C]``, ``nW`` windows per sample.
-            window_size: side w of these windows.
-            mask: ``[nW, w*w, w*w]`` additive mask shared by all samples, or None.
+            windows (torch.Tensor): ``[B * nW, w*w, C]``, ``nW`` windows per sample.
+            window_size (int): side w of these windows.
+            mask (torch.Tensor, optional): ``[nW, w*w, w*w]`` additive mask shared by all
+                samples, or None.
 
         Returns:
             torch.Tensor: ``[B * nW, w*w, C]``.
@@ -229,9 +230,9 @@ class ShiftedWindowAttention(WindowMultiheadAttention):
     def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int],  # type: ignore[override]
                 shift: bool = False) -> torch.Tensor:
         """Args:
-            x: ``[B, H*W, C]`` tokens in raster order.
-            hw_shape: (H, W).
-            shift: shifted windows (SW-MSA) instead of regular ones (W-MSA).
+            x (torch.Tensor): ``[B, H*W, C]`` tokens in raster order.
+            hw_shape (tuple[int, int]): (H, W).
+            shift (bool): shifted windows (SW-MSA) instead of regular ones (W-MSA).
 
         Returns:
             torch.Tensor: ``[B, H*W, C]``.

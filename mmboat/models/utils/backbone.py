@@ -219,15 +219,16 @@ def layer_depth(param_name: str,
     names outside ``prefix``) is the last layer.
 
     Args:
-        param_name: parameter name, e.g. ``backbone.layers.2.blocks.3.mlp.fc1.weight``.
-        prefix: prefix of the backbone's parameters, e.g. ``'backbone.'``.
-        depths: blocks per stage.
-        stem_name: name of the stem module (the first name component).
-        stages_name: with ``merge_name`` None, the stage list (``{stages_name}.{i}.blocks.{j}``,
-            anything else under stage ``i`` is its downsampler); otherwise the prefix of the
-            1-based flat stages ``{stages_name}{k}.{j}``.
-        merge_name: prefix of the 1-based downsamplers ``{merge_name}{k}`` after stage ``k``, for
-            flat stages. Defaults to None.
+        param_name (str): parameter name, e.g. ``backbone.layers.2.blocks.3.mlp.fc1.weight``.
+        prefix (str): prefix of the backbone's parameters, e.g. ``'backbone.'``.
+        depths (Sequence[int]): blocks per stage.
+        stem_name (str): name of the stem module (the first name component).
+        stages_name (str): with ``merge_name`` None, the stage list
+            (``{stages_name}.{i}.blocks.{j}``, anything else under stage ``i`` is its
+            downsampler); otherwise the prefix of the 1-based flat stages
+            ``{stages_name}{k}.{j}``.
+        merge_name (str, optional): prefix of the 1-based downsamplers ``{merge_name}{k}`` after
+            stage ``k``, for flat stages. Defaults to None.
 
     Returns:
         tuple: (layer depth, number of layers ``sum(depths) + 2``).
