@@ -20,10 +20,17 @@ from typing import Optional, Tuple
 import torch
 
 from .autocast import call_with_policy, register_autocast_kernels
-from .checks import FLOAT_DTYPES, check_int, check_tensor
+from .checks import FLOAT_DTYPES, check_int, check_same_dtype_device, check_tensor
 from .ext_loader import register_op_family, use_compiled
-from .feature_space_attention_reference import (balanced_hierarchical_clustering_reference,
-                                                cluster_layout, clustered_attention_reference)
+from .feature_space_attention_reference import (
+    CLUSTER_SIZE,
+    ITERS,
+    OVERLAP,
+    TAU,
+    balanced_hierarchical_clustering_reference,
+    cluster_layout,
+    clustered_attention_reference,
+)
 from .flops import traced_clustered_attention, traced_clustering
 
 __all__ = [
@@ -59,9 +66,9 @@ def _check_features(name: str, t: torch.Tensor, what: str) -> None:
 
 
 def balanced_hierarchical_clustering(x: torch.Tensor,
-                                     cluster_size: int = 49,
-                                     iters: int = 2,
-                                     tau: float = 100.0,
+                                     cluster_size: int = CLUSTER_SIZE,
+                                     iters: int = ITERS,
+                                     tau: float = TAU,
                                      impl: Optional[str] = None
                                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Balanced hierarchical clustering of tokens in feature space, per sample and head.
@@ -119,14 +126,9 @@ def _check_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch
     if key.shape != query.shape or value.shape != query.shape:
         raise ValueError('query, key and value must have the same shape [B, heads, N, d], got '
                          f'{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}')
-    if key.dtype != query.dtype or value.dtype != query.dtype:
-        raise TypeError('query, key and value must have the same dtype, got '
-                        f'{query.dtype}, {key.dtype} and {value.dtype}')
+    check_same_dtype_device(what, ('query', query), [('key', key), ('value', value)])
     check_tensor(perm, 'perm', what)
-    for name, t in (('key', key), ('value', value), ('perm', perm)):
-        if t.device != query.device:
-            raise ValueError(f'query and {name} must be on the same device, got '
-                             f'{query.device} and {t.device}')
+    check_same_dtype_device(what, ('query', query), [('perm', perm)], check_dtype=False)
     if perm.dtype != torch.int64:
         raise TypeError(f'perm must be int64, got dtype {perm.dtype}')
     if tuple(perm.shape) != tuple(query.shape[:3]):
@@ -143,8 +145,8 @@ def clustered_attention(query: torch.Tensor,
                         key: torch.Tensor,
                         value: torch.Tensor,
                         perm: torch.Tensor,
-                        cluster_size: int = 49,
-                        overlap: int = 20,
+                        cluster_size: int = CLUSTER_SIZE,
+                        overlap: int = OVERLAP,
                         scale: Optional[float] = None,
                         impl: Optional[str] = None) -> torch.Tensor:
     """Attention inside the leaves of a clustering, with sibling overlap on keys and values.
@@ -197,10 +199,10 @@ def _clustered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 def feature_space_local_attention(query: torch.Tensor,
                                   key: torch.Tensor,
                                   value: torch.Tensor,
-                                  cluster_size: int = 49,
-                                  overlap: int = 20,
-                                  iters: int = 2,
-                                  tau: float = 100.0,
+                                  cluster_size: int = CLUSTER_SIZE,
+                                  overlap: int = OVERLAP,
+                                  iters: int = ITERS,
+                                  tau: float = TAU,
                                   scale: Optional[float] = None,
                                   impl: Optional[str] = None) -> torch.Tensor:
     """Cluster the queries, then attend inside the clusters (BOAT FSLA core, no projections).

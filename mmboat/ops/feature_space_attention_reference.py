@@ -24,6 +24,13 @@ import torch.nn.functional as F
 # Epsilon of F.normalize; the C++ kernels use the same value.
 NORM_EPS = 1e-12
 
+# The released models' FSLA settings (docs/feature_space_attention.md): the one place these
+# defaults are written; the ops, the references and the FSLA layer take them from here.
+CLUSTER_SIZE = 49  # m, the largest leaf
+OVERLAP = 20  # o, keys/values a leaf borrows from its sibling
+ITERS = 2  # centroid refinement iterations per level
+TAU = 100.0  # inverse temperature of the soft assignment
+
 # Layout caches keyed by (N, m[, o]); plain dicts rather than lru_cache so that torch.compile
 # traces through them without warnings.
 _LEVEL_CACHE: Dict[Tuple[int, int], Tuple[Tuple[int, ...], ...]] = {}
@@ -98,9 +105,9 @@ def _cosines(xn: torch.Tensor, centroids: torch.Tensor, group: torch.Tensor) -> 
 
 
 def balanced_hierarchical_clustering_reference(x: torch.Tensor,
-                                               cluster_size: int = 49,
-                                               iters: int = 2,
-                                               tau: float = 100.0
+                                               cluster_size: int = CLUSTER_SIZE,
+                                               iters: int = ITERS,
+                                               tau: float = TAU
                                                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference balanced hierarchical clustering (no argument checks; see the public API).
 
@@ -203,8 +210,8 @@ def clustered_attention_reference(query: torch.Tensor,
                                   key: torch.Tensor,
                                   value: torch.Tensor,
                                   perm: torch.Tensor,
-                                  cluster_size: int = 49,
-                                  overlap: int = 20,
+                                  cluster_size: int = CLUSTER_SIZE,
+                                  overlap: int = OVERLAP,
                                   scale: Optional[float] = None,
                                   return_lse: bool = False):
     """Reference attention inside the clusters given by ``perm`` (no argument checks).

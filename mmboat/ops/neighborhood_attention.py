@@ -27,10 +27,9 @@ import torch
 from torch import Tensor
 
 from .autocast import call_with_policy, register_autocast_kernels
-from .checks import FLOAT_DTYPES, check_float_tensors, check_tensor
+from .checks import FLOAT_DTYPES, check_float_tensors, check_same_dtype_device, check_tensor
 from .ext_loader import ext_module, op_available, register_op_family, use_compiled
-from .neighborhood_attention_reference import (na2d_av_reference, na2d_qk_reference,
-                                               nand_reference)
+from .neighborhood_attention_reference import na2d_av_reference, na2d_qk_reference, nand_reference
 
 __all__ = ['na1d', 'na2d', 'na3d', 'na2d_qk', 'na2d_av', 'neighborhood_attention_op_available']
 
@@ -112,10 +111,7 @@ def _check_rpb(what: str, rpb: Optional[Tensor], heads: int, ks: Sequence[int],
     if tuple(rpb.shape) != expected:
         raise ValueError(f'{what}: rpb must have shape (heads, 2k-1 per axis) = {expected}, '
                          f'got {tuple(rpb.shape)}')
-    if rpb.dtype != ref.dtype:
-        raise TypeError(f'{what}: rpb dtype {rpb.dtype} differs from query dtype {ref.dtype}')
-    if rpb.device != ref.device:
-        raise ValueError(f'{what}: rpb is on {rpb.device}, query on {ref.device}')
+    check_same_dtype_device(what, ('query', ref), [('rpb', rpb)])
 
 
 def _check_qkv(what: str, n: int, tensors: Sequence[Tuple[str, Tensor]]) -> None:
@@ -290,10 +286,7 @@ def _na2d_av(attn: Tensor, value: Tensor, kernel_size, dilation, is_causal,
     if tuple(attn.shape) != expected:
         raise ValueError(f'{what}: attn must have shape [B, heads, H, W, kH*kW] = {expected}, '
                          f'got {tuple(attn.shape)}')
-    if attn.dtype != value.dtype:
-        raise TypeError(f'{what}: attn and value dtypes differ: {attn.dtype} vs {value.dtype}')
-    if attn.device != value.device:
-        raise ValueError(f'{what}: attn is on {attn.device}, value on {value.device}')
+    check_same_dtype_device(what, ('value', value), [('attn', attn)])
     if not use_compiled(impl, what, 'na2d_av', value.device, value.dtype):
         return na2d_av_reference(attn, value, ks, ds, cs)
     return torch.ops.mmboat.na2d_av(attn.contiguous(), value.contiguous(), list(ks), list(ds),

@@ -36,8 +36,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tools' timing helper
 
-from mmboat.ops import na2d, neighborhood_attention_op_available  # noqa: E402
 from _timing import time_rounds  # noqa: E402
+
+from mmboat.ops import na2d, neighborhood_attention_op_available  # noqa: E402
 
 Table = Tuple[List[str], List[List[str]]]
 

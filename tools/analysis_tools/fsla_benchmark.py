@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
 from mmboat.ops import balanced_hierarchical_clustering, clustered_attention, has_ext
+from mmboat.ops.feature_space_attention_reference import CLUSTER_SIZE, OVERLAP
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the tools' timing helper
 from _timing import time_rounds  # noqa: E402
@@ -192,8 +193,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         choices=['ext', 'reference'])
     parser.add_argument('--channels', type=int, default=96)
     parser.add_argument('--heads', type=int, default=3)
-    parser.add_argument('--cluster-size', type=int, default=49)
-    parser.add_argument('--overlap', type=int, default=20)
+    parser.add_argument('--cluster-size', type=int, default=CLUSTER_SIZE)
+    parser.add_argument('--overlap', type=int, default=OVERLAP)
     parser.add_argument('--window', type=int, default=7)
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--warmup', type=int, default=2)

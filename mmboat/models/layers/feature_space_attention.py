@@ -13,8 +13,8 @@ from typing import Any, ContextManager, Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from mmboat.ops.feature_space_attention import (balanced_hierarchical_clustering,
-                                                clustered_attention)
+from mmboat.ops.feature_space_attention import balanced_hierarchical_clustering, clustered_attention
+from mmboat.ops.feature_space_attention_reference import CLUSTER_SIZE, ITERS, OVERLAP, TAU
 
 __all__ = ['FeatureSpaceLocalAttention', 'resolve_fsla_cfg', 'FSLA_CFG_KEYS']
 
@@ -55,10 +55,10 @@ class FeatureSpaceLocalAttention(nn.Module):
     def __init__(self,
                  embed_dims: int,
                  num_heads: int,
-                 cluster_size: int = 49,
-                 overlap: int = 20,
-                 iters: int = 2,
-                 tau: float = 100.,
+                 cluster_size: int = CLUSTER_SIZE,
+                 overlap: int = OVERLAP,
+                 iters: int = ITERS,
+                 tau: float = TAU,
                  qkv_bias: bool = True,
                  qk_scale: Optional[float] = None,
                  attn_drop: float = 0.,

@@ -31,7 +31,8 @@ def window_partition(x: torch.Tensor, window_size: Union[int, Tuple[int, int]]) 
     Returns:
         torch.Tensor: ``[B * H/wh * W/ww, wh * ww, C]``, windows in raster order per sample.
     """
-    wh, ww = (window_size, window_size) if isinstance(window_size, int) else window_size
+    # A side may be a traced 0-d tensor (jit.trace of the FLOP counter): only a pair is a pair.
+    wh, ww = window_size if isinstance(window_size, (tuple, list)) else (window_size, window_size)
     B, H, W, C = x.shape
     x = x.view(B, H // wh, wh, W // ww, ww, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B * (H // wh) * (W // ww), wh * ww, C)
@@ -50,7 +51,8 @@ def window_reverse(windows: torch.Tensor, window_size: Union[int, Tuple[int, int
     Returns:
         torch.Tensor: ``[B, H, W, C]``.
     """
-    wh, ww = (window_size, window_size) if isinstance(window_size, int) else window_size
+    # A side may be a traced 0-d tensor (jit.trace of the FLOP counter): only a pair is a pair.
+    wh, ww = window_size if isinstance(window_size, (tuple, list)) else (window_size, window_size)
     C = windows.shape[-1]
     B = windows.shape[0] // ((height // wh) * (width // ww))
     x = windows.view(B, height // wh, width // ww, wh, ww, C)
