@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from mmboat.models.layers.cswin_attention import StripeAttention
-from mmboat.models.layers.feature_space_attention import FeatureSpaceLocalAttention
+from mmboat.models.layers.feature_space_attention import fsla_sublayer
 from mmboat.models.utils import (MLP, DropPath, FSLABackboneMixin, HierarchicalBackbone,
                                  checkpoint_forward, linear_drop_path)
 from mmboat.ops.ext_loader import log_ops_impl
@@ -129,13 +129,8 @@ class BOATCSWinBlock(nn.Module):
         self.proj_drop = nn.Dropout(drop_rate)
         self.drop_path = DropPath(drop_path_rate)
         if fsla_cfg is not None:
-            fsla_cfg = dict(fsla_cfg)
-            fsla_drop_path = fsla_cfg.pop('drop_path', False)
-            self.norm3 = nn.LayerNorm(embed_dims)
-            self.content_attn = FeatureSpaceLocalAttention(
-                embed_dims, num_heads, qkv_bias=qkv_bias, proj_drop=drop_rate, impl=impl,
-                **fsla_cfg)
-            self.fsla_drop_path = DropPath(drop_path_rate) if fsla_drop_path else nn.Identity()
+            self.norm3, self.content_attn, self.fsla_drop_path = fsla_sublayer(
+                embed_dims, num_heads, fsla_cfg, qkv_bias, drop_rate, drop_path_rate, impl)
         self.norm2 = nn.LayerNorm(embed_dims)
         self.mlp = MLP(embed_dims, int(embed_dims * mlp_ratio), drop_rate)
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from mmboat.ops.feature_space_attention import balanced_hierarchical_clustering, clustered_attention
 from mmboat.ops.feature_space_attention_reference import CLUSTER_SIZE, ITERS, OVERLAP, TAU
 
-__all__ = ['FeatureSpaceLocalAttention', 'resolve_fsla_cfg', 'FSLA_CFG_KEYS']
+__all__ = ['FeatureSpaceLocalAttention', 'resolve_fsla_cfg', 'fsla_sublayer', 'FSLA_CFG_KEYS']
 
 
 def _autocast_off(device_type: str) -> ContextManager:
@@ -179,3 +179,36 @@ def resolve_fsla_cfg(fsla_cfg: Optional[Mapping[str, Any]],
                              f'{list(FSLA_CFG_KEYS)}')
         resolved.update(source)
     return resolved
+
+
+def fsla_sublayer(embed_dims: int, num_heads: int, fsla_cfg: Mapping[str, Any], qkv_bias: bool,
+                  drop_rate: float, drop_path_rate: float,
+                  impl: Optional[str]) -> Tuple[nn.LayerNorm, FeatureSpaceLocalAttention,
+                                                nn.Module]:
+    """The modules of a BOAT block's FSLA sub-layer, ``x + drop_path(fsla(norm(x)))``.
+
+    Each block stores them under the names of its released checkpoints (BOAT-Swin ``norm4`` /
+    ``attnC``, BOAT-CSWin ``norm3`` / ``content_attn``).
+
+    Args:
+        embed_dims (int): Channels C.
+        num_heads (int): Heads h.
+        fsla_cfg (Mapping): The block's settings, from :func:`resolve_fsla_cfg`; ``drop_path``
+            says whether the block's DropPath also covers the FSLA residual.
+        qkv_bias (bool): Bias in the FSLA qkv projection.
+        drop_rate (float): Dropout after the FSLA output projection.
+        drop_path_rate (float): The block's stochastic depth rate.
+        impl (str, optional): FSLA op implementation (see :class:`FeatureSpaceLocalAttention`).
+
+    Returns:
+        tuple[nn.LayerNorm, FeatureSpaceLocalAttention, nn.Module]: The pre-norm, the attention
+        and the residual's DropPath (``nn.Identity`` when ``drop_path`` is False).
+    """
+    from mmboat.models.utils.drop_path import DropPath
+
+    layer_cfg = dict(fsla_cfg)
+    with_drop_path = layer_cfg.pop('drop_path', False)
+    attn = FeatureSpaceLocalAttention(embed_dims, num_heads, qkv_bias=qkv_bias,
+                                      proj_drop=drop_rate, impl=impl, **layer_cfg)
+    drop_path = DropPath(drop_path_rate) if with_drop_path else nn.Identity()
+    return nn.LayerNorm(embed_dims), attn, drop_path
