@@ -223,23 +223,8 @@ OP_FAMILIES: Dict[str, Tuple[Tuple[str, str], ...]] = {
                                 ('attention', 'clustered_attention_forward')),
 }
 _logged_ops_impl = set()  # lines already logged by log_ops_impl
-
-
-def _op_has_kernel(op_name: str, device_type: str) -> bool:
-    """Whether the ops' own dispatch finds a compiled kernel of ``op_name`` for the device."""
-    _import_op_families()
-    return op_available(op_name, device_type)
-
-
-def _op_dtypes(op_name: str, device_type: str) -> Tuple[torch.dtype, ...]:
-    """The dtypes the compiled ``op_name`` takes on ``device_type``."""
-    _import_op_families()
-    return kernel_dtypes(op_name, device_type)
-
-
-def _import_op_families() -> None:
-    """The op modules register their families at import (:func:`register_op_family`)."""
-    from . import feature_space_attention, neighborhood_attention  # noqa: F401
+# The families are registered by importing mmboat.ops (its __init__ imports both op modules),
+# which runs before any code can call the functions below.
 
 
 def _impl_source(impl: Optional[str]) -> str:
@@ -266,8 +251,8 @@ def _impl_choice(op_name: str, impl: Optional[str], device_type: str,
         info = ext_info()
         build = (f"built with CUDA for {info['cuda_arch_list'] or 'the default archs'}"
                  if info['with_cuda'] else 'a CPU-only build')
-        dtypes = _op_dtypes(op_name, device_type)
-        if not _op_has_kernel(op_name, device_type):
+        dtypes = kernel_dtypes(op_name, device_type)
+        if not op_available(op_name, device_type):
             why = f'mmboat._ext ({build}) has no {device_type.upper()} kernel for {{ops}}'
         elif dtype not in dtypes:
             names = '/'.join(str(d).replace('torch.', '') for d in dtypes)

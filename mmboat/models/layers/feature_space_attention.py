@@ -147,8 +147,9 @@ class FeatureSpaceLocalAttention(nn.Module):
 
 
 # The FSLA settings a backbone's ``fsla_cfg`` takes: the layer's own (defaults in its signature,
-# stated nowhere else) and ``drop_path``, whether the block's DropPath also covers the FSLA
-# residual (the blocks' business; off unless a backbone's compatibility defaults say so).
+# which reads the released values from mmboat/ops/feature_space_attention_reference.py) and
+# ``drop_path``, whether the block's DropPath also covers the FSLA residual (the blocks'
+# business; off unless a backbone's compatibility defaults say so).
 FSLA_CFG_KEYS = ('cluster_size', 'overlap', 'iters', 'tau', 'qk_scale', 'drop_path')
 
 
